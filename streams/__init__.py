@@ -1,0 +1,4 @@
+"""clipstream's stream layer: Faust worker, client SDK, CLI and the dev broker.
+
+Kept import-free so that ``models`` can use the wire codec without pulling in Faust.
+"""

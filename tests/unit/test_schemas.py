@@ -1,0 +1,57 @@
+"""Every schema parses with the avro package, round-trips through the fastavro codec, and
+stays backward compatible with the last release (new readers read old data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import avro.schema
+import pytest
+from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
+
+from streams import codec
+
+PREVIOUS = Path(__file__).parent.parent / "data" / "schemas-0.1.0"
+
+
+@pytest.mark.parametrize("kind", sorted(codec.SCHEMA_FILES))
+def test_schema_parses_with_avro(kind: str) -> None:
+    parsed = avro.schema.parse((codec.schema_dir() / codec.SCHEMA_FILES[kind]).read_text())
+    assert parsed.name == kind
+
+
+@pytest.mark.parametrize("kind", sorted(codec.SCHEMA_FILES))
+def test_schema_is_backward_compatible_with_previous_release(kind: str) -> None:
+    file = codec.SCHEMA_FILES[kind]
+    reader = avro.schema.parse((codec.schema_dir() / file).read_text())
+    writer = avro.schema.parse((PREVIOUS / file).read_text())
+    result = ReaderWriterCompatibilityChecker().get_compatibility(reader, writer)
+    assert result.compatibility is SchemaCompatibilityType.compatible, result.messages
+
+
+def test_compatibility_check_catches_a_breaking_change() -> None:
+    # The check above must be able to fail: a new required field without a default breaks
+    # readers of old data.
+    old = json.loads((PREVIOUS / "query.avsc").read_text())
+    new = json.loads(json.dumps(old))
+    new["fields"].append({"name": "tenant", "type": "string"})
+    result = ReaderWriterCompatibilityChecker().get_compatibility(
+        avro.schema.parse(json.dumps(new)), avro.schema.parse(json.dumps(old))
+    )
+    assert result.compatibility is SchemaCompatibilityType.incompatible
+
+
+def test_fastavro_round_trip_and_garbage_rejected() -> None:
+    record = {
+        "query_id": "q1", "app": "a", "user": None, "features": [1.0, 2.5], "raw": None,
+        "text": None, "sent_at_us": 123, "deadline_ms": 50,
+    }
+    data = codec.encode("Query", record)
+    assert codec.decode("Query", data) == record
+    with pytest.raises(codec.DecodeError, match="trailing bytes"):
+        codec.decode("Query", data + b"\x00\x01")
+    with pytest.raises(codec.DecodeError, match="empty"):
+        codec.decode("Query", b"")
+    with pytest.raises(codec.DecodeError):
+        codec.decode("Query", b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff")
