@@ -1,0 +1,52 @@
+"""Exp3 (Auer et al. 2002), Clipper's single-model selection: sample one model per query,
+learn from the loss of the model that was used, importance-weighted by its probability."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from selection.logweights import normalise, resized, to_probs
+
+
+class Exp3:
+    def __init__(self, n_arms: int, eta: float = 0.1, gamma: float = 0.05) -> None:
+        if n_arms < 1:
+            raise ValueError("Exp3 needs at least one arm")
+        if not 0 <= gamma <= 1:
+            raise ValueError("gamma must be in [0, 1]")
+        self.eta = float(eta)
+        self.gamma = float(gamma)
+        self.logw = np.zeros(n_arms, dtype=np.float64)
+
+    @property
+    def n_arms(self) -> int:
+        return int(self.logw.size)
+
+    def probabilities(self) -> np.ndarray:
+        return (1.0 - self.gamma) * to_probs(self.logw) + self.gamma / self.n_arms
+
+    def select(self, rng: np.random.Generator) -> tuple[int, float]:
+        p = self.probabilities()
+        arm = int(rng.choice(self.n_arms, p=p))
+        return arm, float(p[arm])
+
+    def update(self, arm: int, loss: float, prob: float) -> None:
+        """``loss`` in [0, 1] of ``arm``, chosen with probability ``prob``."""
+        loss = min(1.0, max(0.0, float(loss)))
+        prob = max(float(prob), 1e-12)
+        self.logw[arm] -= self.eta * loss / prob
+        normalise(self.logw)
+
+    def resize(self, keep: list[int | None]) -> None:
+        self.logw = resized(self.logw, len(keep), keep)
+
+    def to_state(self) -> dict[str, Any]:
+        return {"eta": self.eta, "gamma": self.gamma, "logw": self.logw.tolist()}
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any]) -> Exp3:
+        algo = cls(len(d["logw"]), d["eta"], d["gamma"])
+        algo.logw = np.asarray(d["logw"], dtype=np.float64)
+        return algo

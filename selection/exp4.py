@@ -1,0 +1,63 @@
+"""Exp4 as Clipper uses it: every model is an expert whose output is combined with its
+weight; on feedback each expert's weight is multiplied by exp(-eta * its own loss).
+
+Two choices beyond the textbook:
+- An expert that did not answer a query (straggler, failure) is charged the mean loss of
+  those that did, so normalisation neither rewards nor punishes it for being absent.
+  (Whether a failure is a loss is the caller's decision: SelectionState charges it 1.)
+- Fixed share (Herbster & Warmuth): after each update a fraction ``share`` of the total
+  weight is spread evenly, so an expert whose weight collapsed can recover quickly when
+  the best one degrades mid-stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from selection.logweights import normalise, resized, to_probs
+
+
+class Exp4:
+    def __init__(self, n_experts: int, eta: float = 0.1, share: float = 0.01) -> None:
+        if n_experts < 1:
+            raise ValueError("Exp4 needs at least one expert")
+        if not 0 <= share < 1:
+            raise ValueError("share must be in [0, 1)")
+        self.eta = float(eta)
+        self.share = float(share)
+        self.logw = np.zeros(n_experts, dtype=np.float64)
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.logw.size)
+
+    def weights(self) -> np.ndarray:
+        return to_probs(self.logw)
+
+    def update(self, losses: np.ndarray, mask: np.ndarray | None = None) -> None:
+        losses = np.clip(np.asarray(losses, dtype=np.float64), 0.0, 1.0)
+        if mask is None:
+            mask = np.ones(self.n_experts, dtype=bool)
+        mask = np.asarray(mask, dtype=bool)
+        if not mask.any():
+            return
+        charged = np.where(mask, losses, losses[mask].mean())
+        self.logw -= self.eta * charged
+        if self.share > 0:
+            w = (1.0 - self.share) * to_probs(self.logw) + self.share / self.n_experts
+            self.logw = np.log(w)
+        normalise(self.logw)
+
+    def resize(self, keep: list[int | None]) -> None:
+        self.logw = resized(self.logw, len(keep), keep)
+
+    def to_state(self) -> dict[str, Any]:
+        return {"eta": self.eta, "share": self.share, "logw": self.logw.tolist()}
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any]) -> Exp4:
+        algo = cls(len(d["logw"]), d["eta"], d["share"])
+        algo.logw = np.asarray(d["logw"], dtype=np.float64)
+        return algo

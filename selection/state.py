@@ -1,0 +1,144 @@
+"""Selection state for one selection key (an app, or an app and one user/context)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from selection.ensemble import Combined, combine, loss_for, reward_to_loss
+from selection.exp3 import Exp3
+from selection.exp4 import Exp4
+
+POLICIES = ("SINGLE", "EXP3", "EXP4")
+
+
+class SelectionState:
+    def __init__(self, policy: str, models: list[str], algo: Exp3 | Exp4 | None) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}")
+        self.policy = policy
+        self.models = list(models)
+        self.algo = algo
+        self.updates = 0
+        self.last_offsets: dict[str, int] = {}
+
+    @classmethod
+    def new(
+        cls, policy: str, models: Sequence[str], eta: float = 0.1, gamma: float = 0.05
+    ) -> SelectionState:
+        algo: Exp3 | Exp4 | None = None
+        if policy == "EXP3":
+            algo = Exp3(len(models), eta, gamma)
+        elif policy == "EXP4":
+            algo = Exp4(len(models), eta)
+        return cls(policy, list(models), algo)
+
+    # -- choosing -----------------------------------------------------------------------
+
+    def choose(self, rng: np.random.Generator) -> list[tuple[int, float]]:
+        """Which models to ask, each with its probability (Exp3) or weight (Exp4)."""
+        if isinstance(self.algo, Exp3):
+            return [self.algo.select(rng)]
+        if isinstance(self.algo, Exp4):
+            return [(i, float(w)) for i, w in enumerate(self.algo.weights())]
+        return [(0, 1.0)]
+
+    def weights(self) -> dict[str, float]:
+        if isinstance(self.algo, Exp3):
+            values = self.algo.probabilities()
+        elif isinstance(self.algo, Exp4):
+            values = self.algo.weights()
+        else:
+            values = np.eye(1, len(self.models))[0]
+        return {m: float(v) for m, v in zip(self.models, values, strict=True)}
+
+    def combine(
+        self,
+        answers: Mapping[str, tuple[str | None, np.ndarray | None, Sequence[str]]],
+    ) -> Combined:
+        names = list(answers)
+        w = self.weights()
+        return combine(
+            [answers[m][0] for m in names],
+            [answers[m][1] for m in names],
+            [answers[m][2] for m in names],
+            np.array([w.get(m, 0.0) for m in names]),
+        )
+
+    # -- learning -----------------------------------------------------------------------
+
+    def learn(
+        self,
+        answers: Mapping[str, str | None],
+        truth: str | None,
+        prob_of: Mapping[str, float] | None = None,
+        reward: float | None = None,
+    ) -> None:
+        """Learn from one query's feedback. ``answers``: each consulted model's label (None
+        when it failed or missed the deadline, which counts as a loss). With no ``truth``,
+        ``reward`` (in [0, 1]) is the loss signal for every consulted model."""
+        def loss(label: str | None) -> float:
+            if truth is not None:
+                return loss_for(label, truth)
+            return reward_to_loss(reward if reward is not None else 0.0)
+
+        self.updates += 1
+        if isinstance(self.algo, Exp3):
+            for model, label in answers.items():
+                if model in self.models:
+                    prob = (prob_of or {}).get(model)
+                    if prob is None:
+                        prob = float(self.algo.probabilities()[self.models.index(model)])
+                    self.algo.update(self.models.index(model), loss(label), prob)
+        elif isinstance(self.algo, Exp4):
+            losses = np.zeros(len(self.models))
+            mask = np.zeros(len(self.models), dtype=bool)
+            for model, label in answers.items():
+                if model in self.models:
+                    i = self.models.index(model)
+                    losses[i], mask[i] = loss(label), True
+            self.algo.update(losses, mask)
+
+    def sync_models(self, models: list[str]) -> None:
+        """Follow the app's model list: kept models keep their weights, new ones start at
+        the mean."""
+        if models == self.models:
+            return
+        if self.algo is not None:
+            keep = [self.models.index(m) if m in self.models else None for m in models]
+            self.algo.resize(keep)
+        self.models = list(models)
+
+    # -- replay watermarks ---------------------------------------------------------------
+
+    def should_apply(self, partition: int, offset: int) -> bool:
+        return offset > self.last_offsets.get(str(partition), -1)
+
+    def mark_applied(self, partition: int, offset: int) -> None:
+        key = str(partition)
+        self.last_offsets[key] = max(offset, self.last_offsets.get(key, -1))
+
+    # -- serialisation ------------------------------------------------------------------
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "models": list(self.models),
+            "algo": self.algo.to_state() if self.algo is not None else None,
+            "updates": self.updates,
+            "last_offsets": dict(self.last_offsets),
+        }
+
+    @classmethod
+    def from_state(cls, d: Mapping[str, Any]) -> SelectionState:
+        algo: Exp3 | Exp4 | None = None
+        if d["policy"] == "EXP3":
+            algo = Exp3.from_state(d["algo"])
+        elif d["policy"] == "EXP4":
+            algo = Exp4.from_state(d["algo"])
+        state = cls(d["policy"], list(d["models"]), algo)
+        state.updates = int(d.get("updates", 0))
+        state.last_offsets = {str(k): int(v) for k, v in d.get("last_offsets", {}).items()}
+        return state
