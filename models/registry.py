@@ -1,0 +1,265 @@
+"""Model and app registry on the compacted control topic.
+
+Every worker and replica follows ``clipstream.control`` from the beginning, so a deploy,
+rollback or app registration reaches all of them without a restart. The latest record per
+key wins (the topic is compacted), and reading it to the end rebuilds the whole registry.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from copy import deepcopy
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+
+from streams import codec, topics
+from streams.config import Settings
+
+POLICIES = ("SINGLE", "EXP3", "EXP4")
+
+
+class RegistryError(ValueError):
+    """A deploy, rollback or registration that cannot be done as asked."""
+
+
+class Registry:
+    """In-memory view of the control topic: models and apps by name."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, dict[str, Any]] = {}
+        self.apps: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def apply(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            table = self.models if record["kind"] == "MODEL" else self.apps
+            if record.get("deleted"):
+                table.pop(record["name"], None)
+            else:
+                table[record["name"]] = record["model"] if record["kind"] == "MODEL" else record["app"]
+
+    def model(self, name: str) -> dict[str, Any] | None:
+        return self.models.get(name)
+
+    def app(self, name: str) -> dict[str, Any] | None:
+        return self.apps.get(name)
+
+    def version_spec(self, name: str, version: int | None = None) -> dict[str, Any] | None:
+        """The spec of one version of a model (the serving one when version is None)."""
+        spec = self.models.get(name)
+        if spec is None:
+            return None
+        wanted = spec["version"] if version is None else version
+        for v in spec["versions"]:
+            if v["version"] == wanted:
+                return v
+        return None
+
+
+class ControlFollower:
+    """Reads the control topic into a Registry: to the end once, then in the background."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry | None = None,
+        on_change: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry or Registry()
+        self.on_change = on_change
+        self._consumer = Consumer(
+            settings.kafka(
+                **{
+                    # assign(), never subscribe(): every follower reads every record
+                    "group.id": f"clipstream-control-{uuid.uuid4().hex}",
+                    "enable.auto.commit": False,
+                    "enable.partition.eof": True,
+                }
+            )
+        )
+        self._consumer.assign([TopicPartition(topics.CONTROL, 0, OFFSET_BEGINNING)])
+        self._next_offset = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def sync(self, timeout: float = 30.0) -> Registry:
+        """Read up to the current end of the control topic."""
+        low, high = self._consumer.get_watermark_offsets(
+            TopicPartition(topics.CONTROL, 0), timeout=timeout
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if max(self._next_offset, low) >= high:
+                return self.registry
+            if time.monotonic() > deadline:
+                raise TimeoutError("control topic not read to its end in time")
+            self._poll(0.2)
+
+    def _poll(self, timeout: float) -> None:
+        with self._lock:
+            msgs = self._consumer.consume(100, timeout)
+        for msg in msgs:
+            if msg.error():
+                if msg.error().code() != KafkaError._PARTITION_EOF:
+                    raise RuntimeError(f"control topic: {msg.error()}")
+                continue
+            self._next_offset = msg.offset() + 1
+            try:
+                record = codec.decode("ControlRecord", msg.value())
+            except codec.DecodeError:
+                continue  # written by something else; the registry ignores it
+            self.registry.apply(record)
+            if self.on_change is not None:
+                self.on_change(record)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="control-follower", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._poll(0.2)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self._consumer.close()
+
+
+def publish(settings: Settings, record: dict[str, Any]) -> None:
+    producer = Producer(settings.kafka(**{"enable.idempotence": True}))
+    key = f"{record['kind'].lower()}:{record['name']}".encode()
+    record = {"deleted": False, "at_us": time.time_ns() // 1000, **record}
+    producer.produce(topics.CONTROL, codec.encode("ControlRecord", record), key)
+    if producer.flush(30) != 0:
+        raise RuntimeError("control record not delivered within 30 s")
+
+
+def current(settings: Settings) -> Registry:
+    follower = ControlFollower(settings)
+    try:
+        return follower.sync()
+    finally:
+        follower.close()
+
+
+def deploy_model(
+    settings: Settings,
+    name: str,
+    path: str,
+    *,
+    method: str = "predict_proba",
+    fmt: str = "skops",
+    input_dim: int | None = None,
+    partitions: int | None = None,
+    batch_max: int | None = None,
+    batch_wait_ms: float | None = None,
+    latency_slo_ms: float | None = None,
+) -> dict[str, Any]:
+    """Add a new version of a model and make it the serving one."""
+    spec = deepcopy(current(settings).model(name)) or {
+        "version": 0,
+        "versions": [],
+        "partitions": partitions or settings.replica_partitions,
+        "batch_max": batch_max or settings.batch_max,
+        "batch_wait_ms": settings.batch_wait_ms if batch_wait_ms is None else batch_wait_ms,
+        "latency_slo_ms": latency_slo_ms or 20.0,
+    }
+    for key, value in (
+        ("partitions", partitions),
+        ("batch_max", batch_max),
+        ("batch_wait_ms", batch_wait_ms),
+        ("latency_slo_ms", latency_slo_ms),
+    ):
+        if value is not None:
+            spec[key] = value
+    version = max((v["version"] for v in spec["versions"]), default=0) + 1
+    spec["versions"].append(
+        {
+            "version": version,
+            "path": str(path),
+            "format": fmt,
+            "method": method,
+            "input_dim": input_dim,
+            "deployed_at_us": time.time_ns() // 1000,
+        }
+    )
+    spec["version"] = version
+    ensure_model_topic(settings, name, spec["partitions"])
+    publish(settings, {"kind": "MODEL", "name": name, "model": spec, "app": None})
+    return spec
+
+
+def rollback_model(settings: Settings, name: str, version: int | None = None) -> dict[str, Any]:
+    """Serve an earlier version again: the one named, else the one before the current."""
+    spec = deepcopy(current(settings).model(name))
+    if spec is None:
+        raise RegistryError(f"no model named {name!r} is deployed")
+    known = sorted(v["version"] for v in spec["versions"])
+    if version is None:
+        older = [v for v in known if v < spec["version"]]
+        if not older:
+            raise RegistryError(f"{name} v{spec['version']} has no earlier version to roll back to")
+        version = older[-1]
+    if version not in known:
+        raise RegistryError(f"{name} has no version {version}; known: {known}")
+    spec["version"] = version
+    publish(settings, {"kind": "MODEL", "name": name, "model": spec, "app": None})
+    return spec
+
+
+def register_app(
+    settings: Settings,
+    name: str,
+    models: list[str],
+    *,
+    policy: str = "SINGLE",
+    deadline_ms: float = 100.0,
+    default_label: str | None = None,
+    personalised: bool = False,
+    input_dim: int | None = None,
+    eta: float = 0.1,
+    gamma: float = 0.05,
+    cache: bool = True,
+) -> dict[str, Any]:
+    policy = policy.upper()
+    if policy not in POLICIES:
+        raise RegistryError(f"policy must be one of {POLICIES}, not {policy!r}")
+    if not models:
+        raise RegistryError("an app needs at least one model")
+    if policy == "SINGLE" and len(models) != 1:
+        raise RegistryError("policy SINGLE takes exactly one model; use EXP3 or EXP4 for several")
+    known = current(settings).models
+    unknown = [m for m in models if m not in known]
+    if unknown:
+        raise RegistryError(f"models not deployed: {unknown}; deploy them first")
+    spec = {
+        "models": list(models),
+        "policy": policy,
+        "deadline_ms": float(deadline_ms),
+        "default_label": default_label,
+        "personalised": personalised,
+        "input_dim": input_dim,
+        "eta": eta,
+        "gamma": gamma,
+        "cache": cache,
+    }
+    publish(settings, {"kind": "APP", "name": name, "model": None, "app": spec})
+    return spec
+
+
+def ensure_model_topic(settings: Settings, name: str, partitions: int) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient(settings.kafka())
+    topics.ensure_topics(
+        admin,
+        [NewTopic(topics.model_requests(name), partitions, 1, config={"retention.ms": "3600000"})],
+    )

@@ -1,0 +1,113 @@
+"""Settings shared by every process, read from the environment (flags override them).
+
+Every Kafka client (confluent-kafka in the SDK and replicas, aiokafka inside Faust) is built
+from the same ``Settings`` so that TLS and SASL reach all of them."""
+
+from __future__ import annotations
+
+import os
+import ssl
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ENV_PREFIX = "CLIPSTREAM_"
+
+
+@dataclass
+class Settings:
+    """Process-wide settings. Field ``x`` is read from ``CLIPSTREAM_X`` (bootstrap from
+    ``KAFKA_BOOTSTRAP_SERVERS``)."""
+
+    bootstrap: str | None = None
+    partitions: int = 4
+    replica_partitions: int = 4
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    metrics_port: int = 0
+    web_port: int = 6066
+    batch_max: int = 256
+    batch_wait_ms: float = 2.0
+    intake_max: int = 1000
+    intake_wait_ms: float = 1.0
+    cache_size: int = 100_000
+    answer_memory: int = 200_000
+    answer_ttl_s: float = 3600.0
+    trust_pickle: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name == "extra":
+                continue
+            env = "KAFKA_BOOTSTRAP_SERVERS" if f.name == "bootstrap" else ENV_PREFIX + f.name.upper()
+            raw = os.environ.get(env)
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _coerce(f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def require_bootstrap(self) -> str:
+        if not self.bootstrap:
+            raise RuntimeError(
+                "no Kafka cluster configured: set KAFKA_BOOTSTRAP_SERVERS or run "
+                "`clipstream broker start`"
+            )
+        return self.bootstrap
+
+    def kafka(self, **extra: Any) -> dict[str, Any]:
+        """librdkafka configuration (confluent-kafka)."""
+        conf: dict[str, Any] = {"bootstrap.servers": self.require_bootstrap()}
+        if self.security_protocol != "PLAINTEXT":
+            conf["security.protocol"] = self.security_protocol
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+            conf["sasl.username"] = self.sasl_username or ""
+            conf["sasl.password"] = self.sasl_password or ""
+        if self.ssl_cafile:
+            conf["ssl.ca.location"] = self.ssl_cafile
+        if self.ssl_certfile:
+            conf["ssl.certificate.location"] = self.ssl_certfile
+        if self.ssl_keyfile:
+            conf["ssl.key.location"] = self.ssl_keyfile
+        conf.update(self.extra)
+        conf.update(extra)
+        return conf
+
+    def faust_broker_credentials(self) -> Any:
+        """Faust/aiokafka credentials object for the same security settings, or None."""
+        import faust
+
+        context = None
+        if "SSL" in self.security_protocol:
+            context = ssl.create_default_context(cafile=self.ssl_cafile)
+            if self.ssl_certfile:
+                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+        if self.sasl_mechanism:
+            return faust.SASLCredentials(
+                username=self.sasl_username,
+                password=self.sasl_password,
+                ssl_context=context,
+                mechanism=self.sasl_mechanism,
+            )
+        if context is not None:
+            return faust.SSLCredentials(context)
+        return None
+
+
+def _coerce(kind: Any, raw: str) -> Any:
+    text = str(kind)
+    if text.startswith("bool"):
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if text.startswith("int"):
+        return int(raw)
+    if text.startswith("float"):
+        return float(raw)
+    return raw
