@@ -1,0 +1,212 @@
+"""The Faust worker: partition ownership, the selection-state table and its changelog.
+
+Faust gives each worker a set of co-partitioned partitions of the queries, responses and
+feedback topics (all three have the same partition count), so one worker sees a query,
+its models' answers and its feedback. The per-query work is done per chunk of messages by
+``streams.pipeline``; Faust agents only hand chunks over and own the table writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import partial
+from typing import Any
+
+import faust
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
+
+from models.registry import ControlFollower
+from selection import SelectionState
+from streams import codec, metrics, topics
+from streams.config import Settings
+from streams.pipeline import Pipeline, RawQuery, new_state, now_us
+
+log = logging.getLogger("clipstream.worker")
+
+TABLE = "selection"
+
+
+class TableStateStore:
+    """Selection state over the Faust table, with decoded objects kept in memory.
+
+    Decoding the table's JSON for every query would cost more than the rest of intake, so
+    decoded states are cached and the cache is dropped whenever partitions move."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.cache: dict[str, SelectionState] = {}
+
+    def state_for(self, key: str, app: Any) -> SelectionState:
+        state = self.cache.get(key)
+        if state is None:
+            stored = self.table.get(key)
+            state = SelectionState.from_state(stored) if stored else new_state(app)
+            self.cache[key] = state
+        if state.models != list(app["models"]) or state.policy != app["policy"]:
+            if state.policy != app["policy"]:
+                state = self.cache[key] = new_state(app)
+            else:
+                state.sync_models(list(app["models"]))
+        return state
+
+
+class Worker:
+    """Everything one worker process holds: the Faust app and the pipeline it feeds."""
+
+    def __init__(self, settings: Settings, *, app_id: str = "clipstream") -> None:
+        self.settings = settings
+        bootstrap = settings.require_bootstrap()
+        topics.ensure_topics(
+            AdminClient(settings.kafka()), topics.TopicPlan(settings.partitions).core()
+        )
+        self.follower = ControlFollower(settings)
+        self.follower.sync()
+        self.follower.start()
+        self.producer = Producer(
+            settings.kafka(
+                **{
+                    "linger.ms": 1,
+                    "enable.idempotence": True,
+                    "partitioner": "murmur2_random",
+                    "client.id": f"{app_id}-worker",
+                }
+            )
+        )
+        self.app = faust.App(
+            app_id,
+            broker=[f"kafka://{h}" for h in bootstrap.split(",")],
+            broker_credentials=settings.faust_broker_credentials(),
+            store="memory://",
+            topic_partitions=settings.partitions,
+            topic_allow_declare=False,
+            topic_disable_leader=True,
+            key_serializer="raw",
+            value_serializer="raw",
+            consumer_auto_offset_reset="earliest",
+            broker_commit_interval=0.2,
+            web_enabled=False,
+            table_standby_replicas=0,
+        )
+        self.table = self.app.Table(
+            TABLE,
+            default=None,
+            partitions=settings.partitions,
+            key_type=str,  # keys and values go through the changelog as JSON
+        )
+        self.states = TableStateStore(self.table)
+        self.pipeline = Pipeline(settings, self.follower.registry, self.producer, self.states)
+        self._wake = asyncio.Event()
+        self._define_agents()
+
+    def _define_agents(self) -> None:
+        app, s, pipeline = self.app, self.settings, self.pipeline
+        queries = app.topic(topics.QUERIES, partitions=s.partitions)
+        responses = app.topic(topics.RESPONSES, partitions=s.partitions)
+        feedback = app.topic(topics.FEEDBACK, partitions=s.partitions)
+
+        @app.agent(queries, name="intake")
+        async def intake(stream: Any) -> None:
+            async for events in stream.take_events(s.intake_max, within=s.intake_wait_ms / 1000):
+                consumer = app.consumer
+                raws = []
+                for event in events:
+                    message = event.message
+                    # take_events acks the chunk when we return; this extra reference keeps
+                    # the offset uncommitted until the query's prediction is delivered.
+                    message.incref()
+                    raws.append(
+                        RawQuery(
+                            message.value, message.key, message.partition, message.offset,
+                            partial(message.ack, consumer),
+                        )
+                    )
+                started = now_us()
+                pipeline.on_queries(raws, started)
+                metrics.STAGE_LATENCY.labels("intake").observe((now_us() - started) / 1e6 / len(raws))
+                self._wake.set()
+
+        @app.agent(responses, name="merge")
+        async def merge(stream: Any) -> None:
+            async for event in stream.events():
+                message = event.message
+                pipeline.on_result(message.value, message.partition, message.offset)
+                self._wake.set()
+
+        @app.agent(feedback, name="feedback")
+        async def learn(stream: Any) -> None:
+            async for event in stream.events():
+                self.on_feedback(event.message)
+
+        @app.task
+        async def ticker() -> None:
+            # Batch windows and deadlines fire from here, not from message arrival.
+            while not app.should_stop:
+                wake = pipeline.tick()
+                delay = 0.005 if wake is None else (wake - now_us()) / 1e6
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), max(0.0005, min(delay, 0.005)))
+                except TimeoutError:
+                    pass
+
+        @app.on_partitions_revoked.connect
+        async def revoked(app: Any, revoked: Any, **kwargs: Any) -> None:
+            self.states.cache.clear()
+
+        @app.on_partitions_assigned.connect
+        async def assigned(app: Any, assigned: Any, **kwargs: Any) -> None:
+            self.states.cache.clear()
+
+    def on_feedback(self, message: Any) -> None:
+        """Apply one feedback record to the selection state of its key (a table write)."""
+        pipeline = self.pipeline
+        raw = RawQuery(message.value, message.key, message.partition, message.offset)
+        try:
+            fb = codec.decode("Feedback", message.value)
+        except codec.DecodeError as exc:
+            pipeline.dead_letter(topics.FEEDBACK, raw, str(exc), "feedback")
+            metrics.FEEDBACK.labels("?", "invalid").inc()
+            return
+        remembered = pipeline.recall(fb["query_id"])
+        app = pipeline.registry.app(fb["app"])
+        reason = None
+        if remembered is None:
+            reason = f"feedback for unknown or expired query {fb['query_id']!r}"
+        elif app is None:
+            reason = f"feedback for unknown app {fb['app']!r}"
+        elif fb["label"] is None and fb["reward"] is None:
+            reason = "feedback carries neither a label nor a reward"
+        if reason is not None:
+            metrics.FEEDBACK.labels(fb["app"], "rejected").inc()
+            pipeline.dead_letter(topics.FEEDBACK, raw, reason, "feedback", fb["query_id"])
+            return
+        assert remembered is not None and app is not None
+        state = self.states.state_for(remembered.key, app)
+        if not state.should_apply(message.partition, message.offset):
+            metrics.FEEDBACK.labels(fb["app"], "replayed").inc()
+            return
+        state.learn(remembered.labels, fb["label"], remembered.probs)
+        state.mark_applied(message.partition, message.offset)
+        self.table[remembered.key] = state.to_state()
+        metrics.FEEDBACK.labels(fb["app"], "applied").inc()
+        for model, weight in state.weights().items():
+            metrics.BANDIT_WEIGHT.labels(remembered.key, model).set(weight)
+
+    def close(self) -> None:
+        self.producer.flush(10)
+        self.follower.close()
+
+
+def run_worker(settings: Settings, loglevel: str = "warn") -> None:
+    """Run a worker in the foreground until SIGTERM/SIGINT."""
+    from faust.worker import Worker as FaustWorker
+
+    port = metrics.serve(settings.metrics_port)
+    log.warning("metrics on :%d", port)
+    worker = Worker(settings)
+    try:
+        FaustWorker(worker.app, loglevel=loglevel, quiet=True).execute_from_commandline()
+    finally:
+        worker.close()

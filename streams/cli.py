@@ -1,0 +1,273 @@
+"""The ``clipstream`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from streams.config import Settings
+
+console = Console(stderr=True)
+
+
+def settings_for(**overrides: Any) -> Settings:
+    """Settings from the environment; without KAFKA_BOOTSTRAP_SERVERS, the broker that
+    ``clipstream broker start`` left running."""
+    settings = Settings.from_env(**overrides)
+    if not settings.bootstrap:
+        from streams.broker import status_detached
+
+        state = status_detached()
+        if state is not None:
+            settings.bootstrap = state["bootstrap"]
+    return settings
+
+
+def fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    sys.exit(2)
+
+
+@click.group()
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def main(log_level: str) -> None:
+    """clipstream: low-latency prediction serving over Kafka."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+# -- broker -----------------------------------------------------------------------------
+
+
+@main.group()
+def broker() -> None:
+    """The embedded single-node Kafka broker for development, tests and the demo."""
+
+
+@broker.command("start")
+@click.option("--port", type=int, default=None, help="listener port (default: a free one)")
+def broker_start(port: int | None) -> None:
+    """Start a broker in the background (or report the one already running)."""
+    from streams.broker import BrokerError, start_detached
+
+    try:
+        state = start_detached(port=port)
+    except BrokerError as exc:
+        fail(str(exc))
+    click.echo(f"KAFKA_BOOTSTRAP_SERVERS={state['bootstrap']}")
+
+
+@broker.command("stop")
+def broker_stop() -> None:
+    """Stop the background broker."""
+    from streams.broker import stop_detached
+
+    click.echo("stopped" if stop_detached() else "no broker was running")
+
+
+@broker.command("status")
+def broker_status() -> None:
+    """Show whether the background broker is running."""
+    from streams.broker import status_detached
+
+    state = status_detached()
+    if state is None:
+        click.echo("not running")
+        sys.exit(1)
+    click.echo(json.dumps(state))
+
+
+# -- serving processes ------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--partitions", type=int, default=None, help="partitions of the core topics")
+@click.option("--metrics-port", type=int, default=None, help="Prometheus port (0: a free one)")
+@click.option("--faust-log-level", default="warn",
+              type=click.Choice(["crit", "error", "warn", "info", "debug"]))
+def worker(partitions: int | None, metrics_port: int | None, faust_log_level: str) -> None:
+    """Run a worker: intake, cache, batching, merge and feedback (Faust)."""
+    from streams.app import run_worker
+
+    run_worker(settings_for(partitions=partitions, metrics_port=metrics_port), faust_log_level)
+
+
+@main.command()
+@click.option("--model", "model", required=True, help="the model this replica serves")
+@click.option("--metrics-port", type=int, default=None, help="Prometheus port (0: a free one)")
+@click.option("--trust-pickle", is_flag=True, help="allow pickle/joblib model files")
+def replica(model: str, metrics_port: int | None, trust_pickle: bool) -> None:
+    """Run one replica of a model (a member of its consumer group)."""
+    from models.replica import Replica, serve_forever
+    from streams import metrics
+
+    settings = settings_for(metrics_port=metrics_port, trust_pickle=trust_pickle or None)
+    port = metrics.serve(settings.metrics_port)
+    logging.getLogger("clipstream.replica").warning("metrics on :%d", port)
+    serve_forever(Replica(settings, model))
+
+
+# -- registry ---------------------------------------------------------------------------
+
+
+@main.group()
+def model() -> None:
+    """Deploy, list and roll back model versions."""
+
+
+@model.command("deploy")
+@click.argument("name")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--method", default="predict_proba", show_default=True,
+              type=click.Choice(["predict_proba", "predict", "decision_function"]))
+@click.option("--format", "fmt", default="skops", show_default=True,
+              type=click.Choice(["skops", "pickle", "joblib"]))
+@click.option("--input-dim", type=int, default=None)
+@click.option("--partitions", type=int, default=None, help="partitions of its requests topic")
+@click.option("--batch-max", type=int, default=None)
+@click.option("--batch-wait-ms", type=float, default=None)
+@click.option("--latency-slo-ms", type=float, default=None, help="AIMD latency objective")
+def model_deploy(name: str, path: Path, method: str, fmt: str, **opts: Any) -> None:
+    """Deploy the model file PATH as the next version of NAME and serve it."""
+    from models.registry import RegistryError, deploy_model
+
+    try:
+        spec = deploy_model(settings_for(), name, str(path.resolve()), method=method, fmt=fmt,
+                            **opts)
+    except RegistryError as exc:
+        fail(str(exc))
+    click.echo(f"{name} v{spec['version']} serving")
+
+
+@model.command("rollback")
+@click.argument("name")
+@click.option("--version", type=int, default=None, help="default: the one before the current")
+def model_rollback(name: str, version: int | None) -> None:
+    """Serve an earlier version of NAME again."""
+    from models.registry import RegistryError, rollback_model
+
+    try:
+        spec = rollback_model(settings_for(), name, version)
+    except RegistryError as exc:
+        fail(str(exc))
+    click.echo(f"{name} v{spec['version']} serving")
+
+
+@model.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def model_list(as_json: bool) -> None:
+    """List models, their versions, and apps."""
+    from models.registry import current
+
+    registry = current(settings_for())
+    if as_json:
+        click.echo(json.dumps({"models": registry.models, "apps": registry.apps}, indent=2))
+        return
+    table = Table("model", "serving", "versions", "method", "path")
+    for name, spec in sorted(registry.models.items()):
+        serving = registry.version_spec(name) or {}
+        table.add_row(name, f"v{spec['version']}",
+                      ", ".join(f"v{v['version']}" for v in spec["versions"]),
+                      serving.get("method", ""), serving.get("path", ""))
+    Console().print(table)
+    apps = Table("app", "policy", "models", "deadline ms", "default")
+    for name, spec in sorted(registry.apps.items()):
+        apps.add_row(name, spec["policy"], ", ".join(spec["models"]), f"{spec['deadline_ms']:g}",
+                     str(spec["default_label"]))
+    Console().print(apps)
+
+
+@main.group()
+def app() -> None:
+    """Register applications."""
+
+
+@app.command("register")
+@click.argument("name")
+@click.option("--models", required=True, help="comma-separated model names")
+@click.option("--policy", default="SINGLE", show_default=True,
+              type=click.Choice(["SINGLE", "EXP3", "EXP4"], case_sensitive=False))
+@click.option("--deadline-ms", type=float, default=100.0, show_default=True)
+@click.option("--default-label", default=None, help="output when no model answers in time")
+@click.option("--personalised", is_flag=True, help="selection state per user/context")
+@click.option("--input-dim", type=int, default=None)
+@click.option("--eta", type=float, default=0.1, show_default=True, help="learning rate")
+@click.option("--gamma", type=float, default=0.05, show_default=True, help="Exp3 exploration")
+@click.option("--no-cache", is_flag=True, help="do not use the prediction cache")
+def app_register(name: str, models: str, no_cache: bool, **opts: Any) -> None:
+    """Register (or update) app NAME with its candidate models and policy."""
+    from models.registry import RegistryError, register_app
+
+    try:
+        register_app(settings_for(), name, [m.strip() for m in models.split(",") if m.strip()],
+                     cache=not no_cache, **opts)
+    except RegistryError as exc:
+        fail(str(exc))
+    click.echo(f"app {name} registered")
+
+
+# -- data -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("app_name")
+@click.argument("features")
+@click.option("--user", default=None)
+@click.option("--deadline-ms", type=int, default=None)
+@click.option("--timeout", type=float, default=10.0, show_default=True)
+def query(app_name: str, features: str, user: str | None, deadline_ms: int | None,
+          timeout: float) -> None:
+    """Send one query (FEATURES comma-separated) and print its prediction as JSON."""
+    from streams.sdk import Predictor
+
+    try:
+        vector = [float(x) for x in features.split(",") if x.strip()]
+    except ValueError:
+        fail("FEATURES must be comma-separated numbers")
+    with Predictor(settings_for()) as predictor:
+        prediction = predictor.predict(app_name, vector, timeout=timeout, user=user,
+                                       deadline_ms=deadline_ms)
+    click.echo(json.dumps(prediction))
+
+
+@main.command()
+@click.argument("query_id")
+@click.argument("app_name")
+@click.option("--label", default=None, help="the true label")
+@click.option("--reward", type=float, default=None, help="a reward in [0, 1]")
+@click.option("--user", default=None)
+def feedback(query_id: str, app_name: str, label: str | None, reward: float | None,
+             user: str | None) -> None:
+    """Send feedback (the true label or a reward) for an earlier query."""
+    from streams.sdk import Client
+
+    if label is None and reward is None:
+        fail("give --label or --reward")
+    client = Client(settings_for())
+    client.send_feedback(query_id, app_name, label=label, reward=reward, user=user)
+    client.flush()
+    click.echo("sent")
+
+
+@main.command()
+@click.option("--rate", type=float, default=150.0, show_default=True, help="queries per second")
+@click.option("--replicas", type=int, default=1, show_default=True, help="replicas per model")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None)
+def demo(rate: float, replicas: int, workdir: Path | None) -> None:
+    """Train digits models, serve them, stream the test set with feedback, summarise."""
+    from streams.demo import run_demo
+
+    sys.exit(run_demo(rate=rate, replicas=replicas, workdir=workdir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""``clipstream demo``: the whole path on digits, from an empty machine to a summary line."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from models import registry
+from models.training import digits_split, train_digits_models
+from streams.config import Settings
+from streams.processes import Child, clipstream_command, spawn
+from streams.sdk import Client, PredictionReader
+
+console = Console(stderr=True)
+
+DEMO_APP = "digits"
+DEMO_MODELS = ("digits-logreg", "digits-forest", "digits-svc")
+
+
+@contextlib.contextmanager
+def kafka(settings: Settings, workdir: Path) -> Iterator[Settings]:
+    """The configured cluster, else an embedded broker for the duration of the block."""
+    if settings.bootstrap:
+        yield settings
+        return
+    from streams.broker import EmbeddedBroker
+
+    console.print("starting the embedded Kafka broker (first run resolves its jars) ...")
+    broker = EmbeddedBroker(data_dir=workdir / "kafka")
+    broker.start()
+    try:
+        settings.bootstrap = broker.bootstrap
+        yield settings
+    finally:
+        broker.stop()
+
+
+def wait_until_serving(client: Client, reader: PredictionReader, timeout: float = 120.0) -> None:
+    """One query with a long deadline: answered once the worker and every replica are up."""
+    zero = [0.0] * 64
+    qid = client.send_query(DEMO_APP, zero, deadline_ms=int(timeout * 1000))
+    client.flush()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for record in reader.poll(0.2):
+            if record["query_id"] == qid:
+                return
+    raise TimeoutError(f"no prediction within {timeout:.0f}s: worker or replicas not serving")
+
+
+def run_demo(rate: float = 150.0, replicas: int = 1, workdir: Path | None = None) -> int:
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="clipstream-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    settings = Settings.from_env()
+    children: list[Child] = []
+    try:
+        with kafka(settings, workdir) as settings:
+            env = {"KAFKA_BOOTSTRAP_SERVERS": settings.require_bootstrap()}
+            console.print("training digits models ...")
+            trained = train_digits_models(workdir / "models")
+            for name, (_, acc) in sorted(trained.items()):
+                console.print(f"  {name:15s} offline accuracy {acc:.3f}")
+            from confluent_kafka.admin import AdminClient
+
+            from streams import topics
+
+            topics.ensure_topics(
+                AdminClient(settings.kafka()), topics.TopicPlan(settings.partitions).core()
+            )
+            for name in DEMO_MODELS:
+                registry.deploy_model(settings, name, str(trained[name][0]), input_dim=64)
+            registry.register_app(
+                settings, DEMO_APP, list(DEMO_MODELS), policy="EXP4", deadline_ms=1000,
+                default_label="0",
+            )
+            logs = workdir / "logs"
+            children.append(spawn("worker", clipstream_command("worker"), logs, env))
+            for name in DEMO_MODELS:
+                for i in range(replicas):
+                    children.append(
+                        spawn(f"replica-{name}-{i}",
+                              clipstream_command("replica", "--model", name), logs, env)
+                    )
+            client = Client(settings)
+            reader = PredictionReader(settings)
+            console.print("waiting for the worker and replicas to serve ...")
+            try:
+                wait_until_serving(client, reader)
+            except TimeoutError:
+                for child in children:
+                    console.print(f"--- {child.name} ---\n{child.log_tail(15)}")
+                raise
+            summary = stream_test_set(client, reader, rate)
+            reader.close()
+    except KeyboardInterrupt:
+        console.print("interrupted: stopping everything")
+        return 130
+    finally:
+        for child in children:
+            child.stop()
+    console.print(f"logs and models in {workdir}")
+    print(summary, flush=True)
+    return 0 if "lost=0" in summary else 1
+
+
+def stream_test_set(client: Client, reader: PredictionReader, rate: float) -> str:
+    _, X_test, _, y_test = digits_split()
+    truth: dict[str, str] = {}
+    sent_at: dict[str, float] = {}
+    got: dict[str, dict] = {}
+    interval = 1.0 / rate
+    start = time.monotonic()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        sending = progress.add_task("queries sent", total=len(X_test))
+        answered = progress.add_task("predictions", total=len(X_test))
+
+        def drain(timeout: float) -> None:
+            for record in reader.poll(timeout):
+                qid = record["query_id"]
+                if qid in truth and qid not in got:
+                    got[qid] = record
+                    client.send_feedback(qid, DEMO_APP, label=truth[qid])
+                    progress.advance(answered)
+
+        for i, (x, y) in enumerate(zip(X_test, y_test, strict=True)):
+            # open loop at a fixed rate: the schedule, not the answers, paces the sends
+            while time.monotonic() < start + i * interval:
+                drain(0.0)
+            qid = client.send_query(DEMO_APP, x.tolist())
+            truth[qid] = str(y)
+            sent_at[qid] = time.time()
+            progress.advance(sending)
+        deadline = time.monotonic() + 30
+        while len(got) < len(truth) and time.monotonic() < deadline:
+            drain(0.2)
+    client.flush()
+    latencies = np.array(
+        [(r["received_at_us"] - r["sent_at_us"]) / 1000 for r in got.values()]
+    )
+    correct = sum(r["label"] == truth[q] for q, r in got.items())
+    defaults = sum(r["default"] for r in got.values())
+    lost = len(truth) - len(got)
+    p50, p99 = (np.percentile(latencies, [50, 99]) if len(latencies) else (float("nan"),) * 2)
+    return (
+        f"demo: queries={len(truth)} predictions={len(got)} "
+        f"accuracy={correct / max(1, len(got)):.3f} p50_ms={p50:.1f} p99_ms={p99:.1f} "
+        f"defaults={defaults} lost={lost}"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_demo(rate=float(os.environ.get("DEMO_RATE", "150"))))

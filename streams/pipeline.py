@@ -1,0 +1,509 @@
+"""The worker's query path, free of Faust so that it can be driven and tested directly.
+
+Queries come in as chunks of raw Kafka messages from one intake. For each query the
+pipeline decodes it, consults the prediction cache, asks the selection state which models
+to use, and adds the input to a per-model batcher; a batcher flushes one ModelBatch
+message per batch. Model answers come back as ModelBatchResult messages, are joined per
+query, and each query is emitted exactly once: when all its models answered, or at its
+deadline with what arrived (a partial ensemble) or the app's default output.
+
+A query's Kafka message is acknowledged only when its prediction has been delivered, so a
+crashed worker's unanswered queries are read again by whichever worker takes over.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from models.batching import AIMDController, Batcher, BatchWindow
+from models.cache import PredictionCache
+from models.registry import Registry
+from selection import SelectionState, combine
+from streams import codec, metrics, topics
+from streams.config import Settings
+
+log = logging.getLogger("clipstream.pipeline")
+
+# A query whose client clock is further off than this gets its deadline from the
+# worker's intake time instead, so one skewed client cannot expire or pin its queries.
+MAX_CLOCK_SKEW_US = 60_000_000
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class ProducerLike(Protocol):
+    def produce(self, topic: str, value: bytes, key: bytes | None = ..., **kw: Any) -> None: ...
+
+    def poll(self, timeout: float = ...) -> int: ...
+
+
+@dataclass(slots=True)
+class RawQuery:
+    """One message from clipstream.queries, with the way to acknowledge it."""
+
+    value: bytes | None
+    key: bytes | None
+    partition: int
+    offset: int
+    ack: Callable[[], None] | None = None
+
+
+@dataclass(slots=True)
+class Answer:
+    model: str
+    version: int
+    label: str | None
+    scores: np.ndarray | None
+    classes: list[str]
+    error: str | None = None
+    cache_hit: bool = False
+
+    @property
+    def score(self) -> float | None:
+        if self.scores is None or self.scores.size == 0:
+            return None
+        if self.label is not None and self.classes:
+            try:
+                return float(self.scores[self.classes.index(self.label)])
+            except ValueError:
+                pass
+        return float(np.max(self.scores))
+
+
+@dataclass(slots=True)
+class Pending:
+    query_id: str
+    app: str
+    user: str | None
+    key: str
+    partition: int
+    sent_at_us: int
+    intake_us: int
+    deadline_us: int
+    probs: dict[str, float]
+    versions: dict[str, int]
+    features: list[float]
+    ack: Callable[[], None] | None
+    answers: dict[str, Answer] = field(default_factory=dict)
+    done: bool = False
+
+
+@dataclass(slots=True)
+class Remembered:
+    """What feedback for an emitted query needs: each model's answer and its probability."""
+
+    key: str
+    app: str
+    labels: dict[str, str | None]
+    probs: dict[str, float]
+    at_us: int
+
+
+class StateStore(Protocol):
+    """Selection state per selection key (a Faust table in the worker, a dict in tests)."""
+
+    def state_for(self, key: str, app: Mapping[str, Any]) -> SelectionState: ...
+
+
+class DictStateStore:
+    def __init__(self) -> None:
+        self.states: dict[str, SelectionState] = {}
+
+    def state_for(self, key: str, app: Mapping[str, Any]) -> SelectionState:
+        state = self.states.get(key)
+        if state is None:
+            state = self.states[key] = new_state(app)
+        else:
+            state.sync_models(list(app["models"]))
+        return state
+
+
+def new_state(app: Mapping[str, Any]) -> SelectionState:
+    return SelectionState.new(
+        policy=app["policy"], models=list(app["models"]), eta=app["eta"], gamma=app["gamma"]
+    )
+
+
+def selection_key(app: str, user: str | None) -> str:
+    return app if not user else f"{app}|{user}"
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        producer: ProducerLike,
+        states: StateStore,
+        *,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.producer = producer
+        self.states = states
+        self.rng = rng or np.random.default_rng()
+        self.pending: dict[str, Pending] = {}
+        self._deadlines: list[tuple[int, str]] = []
+        self.cache = PredictionCache(settings.cache_size)
+        self.batchers: dict[tuple[str, int, int], Batcher] = {}
+        self.controllers: dict[str, AIMDController] = {}
+        self.inflight: dict[str, int] = {}
+        self._inflight_batches: dict[str, tuple[str, int, int]] = {}
+        # recently emitted ids: a redelivered query or a late answer must not emit twice
+        self.emitted: OrderedDict[str, None] = OrderedDict()
+        self.memory: OrderedDict[str, Remembered] = OrderedDict()
+        self.counts = {"queries": 0, "predictions": 0, "defaults": 0, "errors": 0,
+                       "dead_letters": 0, "duplicates": 0, "late_answers": 0}
+
+    # -- intake -------------------------------------------------------------------------
+
+    def on_queries(self, raws: Iterable[RawQuery], now: int | None = None) -> None:
+        now = now or now_us()
+        for raw in raws:
+            self._intake_one(raw, now)
+        self.tick(now_us())
+
+    def _intake_one(self, raw: RawQuery, now: int) -> None:
+        try:
+            q = codec.decode("Query", raw.value)
+        except codec.DecodeError as exc:
+            self.dead_letter(topics.QUERIES, raw, str(exc), "intake", ack=raw.ack)
+            return
+        qid = q["query_id"]
+        self.counts["queries"] += 1
+        metrics.QUERIES.labels(q["app"]).inc()
+        if qid in self.pending or qid in self.emitted:
+            self.counts["duplicates"] += 1
+            self._ack(raw.ack)
+            return
+        app = self.registry.app(q["app"])
+        reason = self._reject_reason(q, app)
+        if reason is not None:
+            self.dead_letter(topics.QUERIES, raw, reason, "intake", query_id=qid)
+            self._emit_error(q, raw, reason, now)
+            return
+        assert app is not None
+        key = selection_key(q["app"], q["user"] if app["personalised"] else None)
+        state = self.states.state_for(key, app)
+        choice = state.choose(self.rng)
+        sent = q["sent_at_us"]
+        start = sent if abs(now - sent) < MAX_CLOCK_SKEW_US else now
+        deadline_ms = q["deadline_ms"] if q["deadline_ms"] is not None else app["deadline_ms"]
+        p = Pending(
+            query_id=qid, app=q["app"], user=q["user"], key=key, partition=raw.partition,
+            sent_at_us=sent, intake_us=now, deadline_us=start + int(deadline_ms * 1000),
+            probs={}, versions={}, features=q["features"], ack=raw.ack,
+        )
+        for index, prob in choice:
+            name = state.models[index]
+            spec = self.registry.model(name)
+            if spec is None:
+                p.answers[name] = Answer(name, 0, None, None, [], f"model {name} not deployed")
+                p.probs[name] = prob
+                continue
+            version = spec["version"]
+            p.probs[name] = prob
+            p.versions[name] = version
+            if app["cache"]:
+                hit = self.cache.get(self.cache.key(name, version, _as_bytes(q["features"])))
+                metrics.CACHE.labels(name, "hit" if hit is not None else "miss").inc()
+                if hit is not None:
+                    p.answers[name] = hit
+                    continue
+            self._batcher(name, version, raw.partition, spec).add(qid, now)
+        self.pending[qid] = p
+        if len(p.answers) == len(p.probs):
+            self._emit(p, now)
+        else:
+            heapq.heappush(self._deadlines, (p.deadline_us, qid))
+
+    def _reject_reason(self, q: dict[str, Any], app: Mapping[str, Any] | None) -> str | None:
+        if app is None:
+            return f"unknown app {q['app']!r}: register it with `clipstream app register`"
+        features = q["features"]
+        if not features and q["raw"] is None and q["text"] is None:
+            return "query has no input: features, raw and text are all empty"
+        dim = app["input_dim"]
+        if dim is None:
+            spec = self.registry.version_spec(app["models"][0])
+            dim = spec["input_dim"] if spec else None
+        if dim is not None and features and len(features) != dim:
+            return f"expected {dim} features for app {q['app']!r}, got {len(features)}"
+        return None
+
+    def _batcher(self, model: str, version: int, partition: int, spec: Mapping[str, Any]) -> Batcher:
+        slot = (model, version, partition)
+        batcher = self.batchers.get(slot)
+        if batcher is None:
+            controller = self.controllers.get(model)
+            if controller is None:
+                controller = self.controllers[model] = AIMDController(
+                    slo_us=spec["latency_slo_ms"] * 1000,
+                    initial=min(32, spec["batch_max"]),
+                    max_size=spec["batch_max"],
+                )
+            batcher = self.batchers[slot] = Batcher(
+                controller, BatchWindow(max_wait_us=spec["batch_wait_ms"] * 1000)
+            )
+        return batcher
+
+    # -- batches out --------------------------------------------------------------------
+
+    def tick(self, now: int | None = None) -> int | None:
+        """Flush due batches and expire due deadlines; returns when to tick next (us)."""
+        now = now or now_us()
+        wake: int | None = None
+        for (model, version, partition), batcher in self.batchers.items():
+            while True:
+                # an idle model gets its rows at once; a busy one gets them batched
+                idle = self.inflight.get(model, 0) == 0
+                items = batcher.flush() if idle and batcher.pending else batcher.due(now)
+                if not items:
+                    break
+                self._send_batch(model, version, partition, items, now)
+            nxt = batcher.next_due_us
+            if nxt is not None:
+                wake = int(nxt) if wake is None else min(wake, int(nxt))
+            metrics.QUEUE_DEPTH.labels(model).set(batcher.pending)
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, qid = heapq.heappop(self._deadlines)
+            p = self.pending.get(qid)
+            if p is not None and not p.done:
+                metrics.DEADLINE_MISSES.labels(p.app).inc()
+                self._emit(p, now)
+        if self._deadlines:
+            first = self._deadlines[0][0]
+            wake = first if wake is None else min(wake, first)
+        self.producer.poll(0)
+        metrics.PENDING.set(len(self.pending))
+        return wake
+
+    def _send_batch(
+        self, model: str, version: int, partition: int, qids: list[str], now: int
+    ) -> None:
+        rows = [self.pending[q].features for q in qids if q in self.pending]
+        qids = [q for q in qids if q in self.pending]
+        if not qids:
+            return
+        X = np.asarray(rows, dtype="<f8")
+        batch_id = uuid.uuid4().hex
+        deadline = min(self.pending[q].deadline_us for q in qids)
+        batch = {
+            "batch_id": batch_id, "model": model, "version": version,
+            "reply_partition": partition, "query_ids": qids, "rows": X.shape[0],
+            "cols": X.shape[1] if X.ndim == 2 else 0, "inputs": X.tobytes(),
+            "sent_at_us": now, "deadline_at_us": deadline,
+        }
+        self.producer.produce(
+            topics.model_requests(model), codec.encode("ModelBatch", batch), batch_id.encode()
+        )
+        self.inflight[model] = self.inflight.get(model, 0) + 1
+        self._inflight_batches[batch_id] = (model, version, len(qids))
+        metrics.BATCH_SIZE.labels(model).observe(len(qids))
+
+    # -- answers in ---------------------------------------------------------------------
+
+    def on_result(self, value: bytes | None, partition: int = -1, offset: int = -1) -> None:
+        now = now_us()
+        try:
+            result = codec.decode("ModelBatchResult", value)
+        except codec.DecodeError as exc:
+            self.dead_letter(topics.RESPONSES, RawQuery(value, None, partition, offset), str(exc),
+                             "merge")
+            return
+        model = result["model"]
+        sent = self._inflight_batches.pop(result["batch_id"], None)
+        if sent is not None:
+            self.inflight[model] = max(0, self.inflight.get(model, 0) - 1)
+            controller = self.controllers.get(model)
+            if controller is not None:
+                metrics.BATCH_MAX.labels(model).set(
+                    controller.observe(sent[2], float(result["model_us"]))
+                )
+        metrics.STAGE_LATENCY.labels("model").observe(result["model_us"] / 1e6)
+        classes = list(result["classes"])
+        n = len(result["query_ids"])
+        scores = (
+            np.frombuffer(result["scores"], dtype="<f8").reshape(n, -1)
+            if result["scores"] and n
+            else None
+        )
+        for i, qid in enumerate(result["query_ids"]):
+            row = scores[i] if scores is not None and scores.shape[1] else None
+            answer = Answer(model, result["version"], result["labels"][i], row, classes,
+                            result["errors"][i])
+            p = self.pending.get(qid)
+            if p is None or p.done:
+                self.counts["late_answers"] += 1
+                metrics.LATE_ANSWERS.labels(model).inc()
+                continue
+            if answer.error is None and model in p.versions:
+                cached = Answer(model, answer.version, answer.label, answer.scores, classes,
+                                None, True)
+                self.cache.put(self.cache.key(model, answer.version, _as_bytes(p.features)),
+                               cached)
+            p.answers[model] = answer
+            if len(p.answers) == len(p.probs):
+                self._emit(p, now)
+        self.tick(now_us())
+
+    # -- predictions out ----------------------------------------------------------------
+
+    def _emit(self, p: Pending, now: int) -> None:
+        p.done = True
+        self.pending.pop(p.query_id, None)
+        answered = {m: a for m, a in p.answers.items() if a.error is None and a.label is not None}
+        app = self.registry.app(p.app) or {}
+        error = None
+        default = False
+        if answered:
+            if len(answered) == 1:
+                (a,) = answered.values()
+                label, score = a.label, a.score
+            else:
+                names = list(answered)
+                weights = np.array([p.probs[m] for m in names], dtype=float)
+                merged = combine(
+                    [answered[m].label for m in names],
+                    [answered[m].scores for m in names],
+                    [answered[m].classes for m in names],
+                    weights,
+                )
+                label, score = merged.label, merged.confidence
+            outcome = "model" if len(answered) == len(p.probs) else "partial"
+            if all(a.cache_hit for a in answered.values()):
+                outcome = "cache"
+        else:
+            label, score = app.get("default_label"), None
+            default = True
+            outcome = "default"
+            errors = [a.error for a in p.answers.values() if a.error]
+            if errors:
+                error = "; ".join(sorted(set(errors)))
+            elif p.answers:
+                error = None
+            self.counts["defaults"] += 1
+            metrics.DEFAULTS.labels(p.app).inc()
+        record = {
+            "query_id": p.query_id, "app": p.app, "user": p.user, "label": label,
+            "score": score,
+            "models": [f"{m}@{a.version}" for m, a in answered.items()],
+            "answers": [
+                {"model": m, "version": a.version, "label": a.label, "score": a.score,
+                 "prob": float(p.probs.get(m, 0.0)), "error": a.error,
+                 "cache_hit": a.cache_hit}
+                for m, a in p.answers.items()
+            ],
+            "cache_hit": bool(answered) and all(a.cache_hit for a in answered.values()),
+            "default": default, "error": error, "sent_at_us": p.sent_at_us,
+            "emitted_at_us": now, "worker_us": now - p.intake_us,
+        }
+        self.remember(p)
+        self._produce_prediction(record, p.key, p.ack, now)
+        metrics.PREDICTIONS.labels(p.app, outcome).inc()
+
+    def _emit_error(self, q: dict[str, Any], raw: RawQuery, reason: str, now: int) -> None:
+        self.counts["errors"] += 1
+        record = {
+            "query_id": q["query_id"], "app": q["app"], "user": q["user"],
+            "label": None, "score": None, "models": [], "answers": [], "cache_hit": False,
+            "default": False, "error": reason, "sent_at_us": q["sent_at_us"],
+            "emitted_at_us": now, "worker_us": 0,
+        }
+        self._produce_prediction(
+            record, selection_key(q["app"], q["user"]), raw.ack, now, outcome="error"
+        )
+        self._mark_emitted(q["query_id"])
+
+    def _produce_prediction(
+        self, record: dict[str, Any], key: str, ack: Callable[[], None] | None, now: int,
+        outcome: str | None = None,
+    ) -> None:
+        value = codec.encode("Prediction", record)
+
+        def delivered(err: Any, _msg: Any) -> None:
+            if err is None:
+                self._ack(ack)
+            else:
+                # Not acked: the query is read again after a restart rather than lost.
+                log.error("prediction %s not delivered: %s", record["query_id"], err)
+
+        self.producer.produce(topics.PREDICTIONS, value, key.encode(), on_delivery=delivered)
+        self._mark_emitted(record["query_id"])
+        self.counts["predictions"] += 1
+        if outcome is not None:
+            metrics.PREDICTIONS.labels(record["app"], outcome).inc()
+        sent = record["sent_at_us"]
+        if sent and abs(now - sent) < MAX_CLOCK_SKEW_US:
+            metrics.E2E_LATENCY.labels(record["app"]).observe(max(0, now - sent) / 1e6)
+        metrics.STAGE_LATENCY.labels("worker").observe(record["worker_us"] / 1e6)
+
+    def _mark_emitted(self, qid: str) -> None:
+        self.emitted[qid] = None
+        if len(self.emitted) > self.settings.answer_memory:
+            self.emitted.popitem(last=False)
+
+    def remember(self, p: Pending) -> None:
+        self.memory[p.query_id] = Remembered(
+            key=p.key, app=p.app,
+            labels={m: (a.label if a.error is None else None) for m, a in p.answers.items()},
+            probs=dict(p.probs), at_us=p.intake_us,
+        )
+        if len(self.memory) > self.settings.answer_memory:
+            self.memory.popitem(last=False)
+
+    def recall(self, qid: str, now: int | None = None) -> Remembered | None:
+        found = self.memory.get(qid)
+        if found is None:
+            return None
+        if (now or now_us()) - found.at_us > self.settings.answer_ttl_s * 1e6:
+            del self.memory[qid]
+            return None
+        return found
+
+    # -- errors -------------------------------------------------------------------------
+
+    def dead_letter(
+        self,
+        source: str,
+        raw: RawQuery,
+        reason: str,
+        stage: str,
+        query_id: str | None = None,
+        ack: Callable[[], None] | None = None,
+    ) -> None:
+        """Record bad input with its original bytes; ``ack`` runs once the record is safe."""
+        self.counts["dead_letters"] += 1
+        metrics.DEAD_LETTERS.labels(stage).inc()
+        record = {
+            "source_topic": source, "partition": raw.partition, "offset": raw.offset,
+            "key": raw.key, "value": raw.value, "reason": reason, "stage": stage,
+            "query_id": query_id, "at_us": now_us(),
+        }
+        self.producer.produce(
+            topics.DEADLETTER,
+            codec.encode("DeadLetter", record),
+            raw.key,
+            on_delivery=lambda err, _msg: self._ack(ack) if err is None else None,
+        )
+
+    @staticmethod
+    def _ack(ack: Callable[[], None] | None) -> None:
+        if ack is not None:
+            ack()
+
+
+def _as_bytes(features: list[float]) -> bytes:
+    return np.asarray(features, dtype="<f8").tobytes()

@@ -1,0 +1,220 @@
+"""Client SDK for applications (confluent-kafka): send queries and feedback, read predictions.
+
+Queries and feedback are keyed by the selection key (``app`` or ``app|user``), so a query,
+its feedback and the selection state they touch land on the same partition.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+
+from streams import codec, topics
+from streams.config import Settings
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def query_key(app: str, user: str | None) -> bytes:
+    return (app if not user else f"{app}|{user}").encode()
+
+
+class SeenIds:
+    """Bounded memory of query ids already handed to the app (removes redelivered duplicates)."""
+
+    def __init__(self, capacity: int = 1_000_000) -> None:
+        self.capacity = capacity
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self.duplicates = 0
+
+    def first_time(self, qid: str) -> bool:
+        if qid in self._ids:
+            self.duplicates += 1
+            return False
+        self._ids[qid] = None
+        if len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+        return True
+
+
+class Client:
+    """Produces queries and feedback."""
+
+    def __init__(self, settings: Settings | None = None, **producer_config: Any) -> None:
+        self.settings = settings or Settings.from_env()
+        self.producer = Producer(
+            self.settings.kafka(
+                **{
+                    "linger.ms": 0,
+                    "enable.idempotence": True,
+                    "partitioner": "murmur2_random",
+                    **producer_config,
+                }
+            )
+        )
+
+    def send_query(
+        self,
+        app: str,
+        features: Sequence[float] = (),
+        *,
+        user: str | None = None,
+        query_id: str | None = None,
+        deadline_ms: int | None = None,
+        raw: bytes | None = None,
+        text: str | None = None,
+    ) -> str:
+        """Produce one query; returns its id."""
+        qid = query_id or uuid.uuid4().hex
+        record = {
+            "query_id": qid, "app": app, "user": user,
+            "features": [float(x) for x in features], "raw": raw, "text": text,
+            "sent_at_us": now_us(), "deadline_ms": deadline_ms,
+        }
+        self._produce(topics.QUERIES, codec.encode("Query", record), query_key(app, user))
+        return qid
+
+    def send_feedback(
+        self,
+        query_id: str,
+        app: str,
+        *,
+        label: str | int | None = None,
+        reward: float | None = None,
+        user: str | None = None,
+    ) -> None:
+        record = {
+            "query_id": query_id, "app": app, "user": user,
+            "label": None if label is None else str(label), "reward": reward,
+            "sent_at_us": now_us(),
+        }
+        self._produce(topics.FEEDBACK, codec.encode("Feedback", record), query_key(app, user))
+
+    def _produce(self, topic: str, value: bytes, key: bytes) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value, key)
+                break
+            except BufferError:
+                self.producer.poll(0.05)  # local queue full: wait for deliveries to drain
+        self.producer.poll(0)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        if self.producer.flush(timeout) != 0:
+            raise TimeoutError(f"messages not delivered within {timeout}s")
+
+
+class PredictionReader:
+    """Reads clipstream.predictions, each query id once.
+
+    ``from_beginning=False`` starts at the current end of every partition, so only
+    predictions produced after construction are seen."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        from_beginning: bool = False,
+        group_id: str | None = None,
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        self.consumer = Consumer(
+            self.settings.kafka(
+                **{
+                    "group.id": group_id or f"clipstream-reader-{uuid.uuid4().hex}",
+                    "enable.auto.commit": group_id is not None,
+                    "auto.offset.reset": "earliest" if from_beginning else "latest",
+                    "fetch.wait.max.ms": 5,
+                    "enable.partition.eof": False,
+                }
+            )
+        )
+        if group_id is None:
+            md = self.consumer.list_topics(topics.PREDICTIONS, timeout=30)
+            assignment = []
+            for p in md.topics[topics.PREDICTIONS].partitions:
+                tp = TopicPartition(topics.PREDICTIONS, p)
+                # explicit end offsets, resolved now: predictions produced from here on are seen
+                low, high = self.consumer.get_watermark_offsets(tp, timeout=30)
+                assignment.append(TopicPartition(topics.PREDICTIONS, p, low if from_beginning else high))
+            self.consumer.assign(assignment)
+        else:
+            self.consumer.subscribe([topics.PREDICTIONS])
+        self.seen = SeenIds()
+
+    def poll(self, timeout: float = 0.1, max_records: int = 1000) -> list[dict[str, Any]]:
+        out = []
+        for msg in self.consumer.consume(max_records, timeout):
+            if msg.error():
+                if msg.error().code() != KafkaError._PARTITION_EOF:
+                    raise RuntimeError(f"predictions topic: {msg.error()}")
+                continue
+            record = codec.decode("Prediction", msg.value())
+            if self.seen.first_time(record["query_id"]):
+                record["received_at_us"] = now_us()
+                out.append(record)
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            yield from self.poll(0.5)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class Predictor:
+    """Request/response over Kafka: ``predict()`` sends a query and waits for its answer."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self.client = Client(self.settings)
+        self.reader = PredictionReader(self.settings)
+        self._waiting: dict[str, Future[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="predictions", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for record in self.reader.poll(0.1):
+                with self._lock:
+                    future = self._waiting.pop(record["query_id"], None)
+                if future is not None:
+                    future.set_result(record)
+
+    def submit(self, app: str, features: Sequence[float], **kw: Any) -> Future[dict[str, Any]]:
+        qid = kw.pop("query_id", None) or uuid.uuid4().hex
+        future: Future[dict[str, Any]] = Future()
+        with self._lock:
+            self._waiting[qid] = future
+        self.client.send_query(app, features, query_id=qid, **kw)
+        self.client.producer.flush(5)
+        return future
+
+    def predict(
+        self, app: str, features: Sequence[float], timeout: float = 10.0, **kw: Any
+    ) -> dict[str, Any]:
+        return self.submit(app, features, **kw).result(timeout)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.reader.close()
+        self.client.flush(5)
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
