@@ -1,0 +1,69 @@
+"""Helpers for integration tests: serve an app and collect its predictions."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from confluent_kafka import Consumer, TopicPartition
+
+from streams import codec, topics
+from streams.config import Settings
+from streams.sdk import Client, PredictionReader
+
+
+def collect(
+    reader: PredictionReader, wanted: set[str], timeout: float
+) -> dict[str, list[dict[str, Any]]]:
+    """Predictions for ``wanted`` query ids until all arrived or ``timeout``; a list per id so
+    a test can see duplicates (the reader's own de-duplication is bypassed)."""
+    got: dict[str, list[dict[str, Any]]] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not wanted.issubset(got):
+        for msg in reader.consumer.consume(500, 0.2):
+            if msg.error():
+                continue
+            record = codec.decode("Prediction", msg.value())
+            if record["query_id"] in wanted:
+                got.setdefault(record["query_id"], []).append(record)
+    return got
+
+
+def wait_until_serving(
+    client: Client, reader: PredictionReader, app: str, features: list[float],
+    timeout: float = 90.0,
+) -> dict[str, Any]:
+    """Send one query with a long deadline; return its prediction once the path is up."""
+    qid = client.send_query(app, features, deadline_ms=int(timeout * 1000))
+    client.flush()
+    got = collect(reader, {qid}, timeout)
+    assert qid in got, f"no prediction within {timeout}s: worker or replicas not serving"
+    return got[qid][0]
+
+
+def read_all(settings: Settings, topic: str, kind: str, timeout: float = 10.0) -> list[dict]:
+    """Every record currently on ``topic`` (all partitions, from the beginning)."""
+    consumer = Consumer(settings.kafka(**{"group.id": f"test-read-{time.time_ns()}",
+                                          "enable.auto.commit": False}))
+    try:
+        md = consumer.list_topics(topic, timeout=timeout).topics[topic]
+        ends = {}
+        parts = []
+        for p in md.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            if high > low:
+                ends[p] = high
+                parts.append(TopicPartition(topic, p, low))
+        consumer.assign(parts)
+        out: list[dict] = []
+        deadline = time.monotonic() + timeout
+        while ends and time.monotonic() < deadline:
+            for msg in consumer.consume(500, 0.2):
+                if msg.error():
+                    continue
+                out.append(codec.decode(kind, msg.value()))
+                if msg.offset() + 1 >= ends.get(msg.partition(), 0):
+                    ends.pop(msg.partition(), None)
+        return out
+    finally:
+        consumer.close()
