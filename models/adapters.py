@@ -84,7 +84,11 @@ class ModelAdapter(ABC):
 
 class SklearnAdapter(ModelAdapter):
     def __init__(
-        self, estimator: Any, name: str, version: int, method: str = "predict_proba",
+        self,
+        estimator: Any,
+        name: str,
+        version: int,
+        method: str = "predict_proba",
         nan_policy: str = "reject",
     ) -> None:
         if method not in METHODS:
@@ -98,8 +102,9 @@ class SklearnAdapter(ModelAdapter):
         self._predict_fn = getattr(estimator, method)
         self._classes = [_label(c) for c in getattr(estimator, "classes_", [])]
         dim = getattr(estimator, "n_features_in_", None)
-        self.input_spec = InputSpec(dim=int(dim) if dim is not None else None,
-                                    nan_policy=nan_policy)
+        self.input_spec = InputSpec(
+            dim=int(dim) if dim is not None else None, nan_policy=nan_policy
+        )
 
     @property
     def classes(self) -> list[str]:
@@ -119,8 +124,12 @@ class CallableAdapter(ModelAdapter):
     """Any function from a rows x features batch to labels/values (1-D) or scores (2-D)."""
 
     def __init__(
-        self, fn: Callable[[np.ndarray], Any], name: str, version: int = 1,
-        classes: Sequence[str] | None = None, input_dim: int | None = None,
+        self,
+        fn: Callable[[np.ndarray], Any],
+        name: str,
+        version: int = 1,
+        classes: Sequence[str] | None = None,
+        input_dim: int | None = None,
     ) -> None:
         self.fn = fn
         self.name = name

@@ -12,7 +12,13 @@ T = TypeVar("T")
 class AIMDController:
     """Additive increase while batches meet the latency objective, multiplicative decrease
     when one misses it. The limit settles just under the largest batch the model serves
-    within ``slo_us``."""
+    within ``slo_us``.
+
+    One refinement over the paper: a miss shrinks the limit only when batching is what
+    made the batch slow, i.e. the batch took well over the latency of a minimal batch.
+    A model whose single-row latency already misses the objective (a 100-tree forest on
+    a busy machine) gains nothing from tiny batches and loses most of its throughput, so
+    for it the limit keeps growing while larger batches cost little more."""
 
     def __init__(
         self,
@@ -22,6 +28,7 @@ class AIMDController:
         max_size: int = 1024,
         additive: int = 4,
         backoff: float = 0.9,
+        batching_cost: float = 1.5,
     ) -> None:
         if not 0 < backoff < 1:
             raise ValueError("backoff must be in (0, 1)")
@@ -32,7 +39,10 @@ class AIMDController:
         self.max_size = max_size
         self.additive = additive
         self.backoff = backoff
+        self.batching_cost = batching_cost
         self._max = max(min_size, min(initial, max_size))
+        #: latency of small batches (EWMA): the model's fixed cost per call
+        self.base_us: float | None = None
 
     @property
     def max_batch(self) -> int:
@@ -40,7 +50,14 @@ class AIMDController:
 
     def observe(self, batch_size: int, latency_us: float) -> int:
         """Feed one served batch; returns the new limit."""
-        if latency_us > self.slo_us:
+        if batch_size <= max(2, self.min_size):
+            self.base_us = (
+                latency_us if self.base_us is None else 0.8 * self.base_us + 0.2 * latency_us
+            )
+        batching_made_it_slow = (
+            self.base_us is None or latency_us > self.batching_cost * self.base_us
+        )
+        if latency_us > self.slo_us and batching_made_it_slow:
             # back off from the size that missed, not from the limit (it may be far above)
             self._max = max(self.min_size, int(self.backoff * min(batch_size, self._max)))
         elif batch_size >= self._max:

@@ -25,14 +25,15 @@ def untrusted_types(path: Path | str, trusted: Sequence[str] = ()) -> list[str]:
     """Types the file needs that neither the allowlist nor the operator trusts."""
     allowed = set(trusted)
     return [
-        t for t in sio.get_untrusted_types(file=Path(path))
+        t
+        for t in sio.get_untrusted_types(file=Path(path))
         if t not in allowed and not t.startswith(TRUSTED_PREFIXES)
     ]
 
 
 def load_model(
     path: Path | str,
-    format: str = "skops",  # noqa: A002 -- the word the registry and CLI use
+    format: str = "skops",
     trusted: Sequence[str] | None = None,
     trust_pickle: bool = False,
 ) -> Any:

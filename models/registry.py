@@ -40,7 +40,9 @@ class Registry:
             if record.get("deleted"):
                 table.pop(record["name"], None)
             else:
-                table[record["name"]] = record["model"] if record["kind"] == "MODEL" else record["app"]
+                table[record["name"]] = (
+                    record["model"] if record["kind"] == "MODEL" else record["app"]
+                )
 
     def model(self, name: str) -> dict[str, Any] | None:
         return self.models.get(name)
@@ -143,6 +145,8 @@ def publish(settings: Settings, record: dict[str, Any]) -> None:
 
 
 def current(settings: Settings) -> Registry:
+    # the first command against a new cluster may come before any worker created topics
+    ensure_core_topics(settings)
     follower = ControlFollower(settings)
     try:
         return follower.sync()
@@ -253,6 +257,14 @@ def register_app(
     }
     publish(settings, {"kind": "APP", "name": name, "model": None, "app": spec})
     return spec
+
+
+def ensure_core_topics(settings: Settings) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    topics.ensure_topics(
+        AdminClient(settings.kafka()), topics.TopicPlan(settings.partitions).core()
+    )
 
 
 def ensure_model_topic(settings: Settings, name: str, partitions: int) -> None:

@@ -26,6 +26,7 @@ from models.files import load_model
 from models.registry import ControlFollower
 from streams import codec, metrics, topics
 from streams.config import Settings
+from streams.kafka_util import consume_ready
 
 log = logging.getLogger("clipstream.replica")
 
@@ -176,7 +177,7 @@ class Replica:
         )
         try:
             while not self.stopping.is_set():
-                for msg in consumer.consume(64, 0.05):
+                for msg in consume_ready(consumer, 64, 0.05):
                     self._handle(msg, consumer, producer)
                 producer.poll(0)
         finally:

@@ -61,8 +61,13 @@ def wide_dataset(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """An MNIST-shaped problem (784 features, 10 classes), generated: no download."""
     X, y = make_classification(
-        n_samples=n, n_features=dim, n_informative=60, n_redundant=40, n_classes=10,
-        n_clusters_per_class=2, random_state=seed,
+        n_samples=n,
+        n_features=dim,
+        n_informative=60,
+        n_redundant=40,
+        n_classes=10,
+        n_clusters_per_class=2,
+        random_state=seed,
     )
     return tuple(train_test_split(X, y, test_size=0.25, random_state=seed))  # type: ignore[return-value]
 

@@ -79,6 +79,7 @@ class SelectionState:
         """Learn from one query's feedback. ``answers``: each consulted model's label (None
         when it failed or missed the deadline, which counts as a loss). With no ``truth``,
         ``reward`` (in [0, 1]) is the loss signal for every consulted model."""
+
         def loss(label: str | None) -> float:
             if truth is not None:
                 return loss_for(label, truth)

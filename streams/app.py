@@ -9,13 +9,15 @@ its models' answers and its feedback. The per-query work is done per chunk of me
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 from functools import partial
 from typing import Any
 
 import faust
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from models.registry import ControlFollower
 from selection import SelectionState
@@ -58,9 +60,17 @@ class Worker:
     def __init__(self, settings: Settings, *, app_id: str = "clipstream") -> None:
         self.settings = settings
         bootstrap = settings.require_bootstrap()
-        topics.ensure_topics(
-            AdminClient(settings.kafka()), topics.TopicPlan(settings.partitions).core()
+        self.admin = AdminClient(settings.kafka())
+        # Faust may not declare topics (topic_allow_declare=False), so the table's changelog
+        # is created here with the same partition count as the topics it is co-partitioned
+        # with; Faust checks that (PartitionsMismatch).
+        changelog = NewTopic(
+            f"{app_id}-{TABLE}-changelog",
+            settings.partitions,
+            1,
+            config={"cleanup.policy": "compact"},
         )
+        topics.ensure_topics(self.admin, [*topics.TopicPlan(settings.partitions).core(), changelog])
         self.follower = ControlFollower(settings)
         self.follower.sync()
         self.follower.start()
@@ -98,6 +108,7 @@ class Worker:
         self.states = TableStateStore(self.table)
         self.pipeline = Pipeline(settings, self.follower.registry, self.producer, self.states)
         self._wake = asyncio.Event()
+        self._closed = threading.Event()
         self._define_agents()
 
     def _define_agents(self) -> None:
@@ -118,26 +129,50 @@ class Worker:
                     message.incref()
                     raws.append(
                         RawQuery(
-                            message.value, message.key, message.partition, message.offset,
+                            message.value,
+                            message.key,
+                            message.partition,
+                            message.offset,
                             partial(message.ack, consumer),
                         )
                     )
                 started = now_us()
                 pipeline.on_queries(raws, started)
-                metrics.STAGE_LATENCY.labels("intake").observe((now_us() - started) / 1e6 / len(raws))
+                metrics.STAGE_LATENCY.labels("intake").observe(
+                    (now_us() - started) / 1e6 / len(raws)
+                )
                 self._wake.set()
 
         @app.agent(responses, name="merge")
         async def merge(stream: Any) -> None:
             async for event in stream.events():
                 message = event.message
-                pipeline.on_result(message.value, message.partition, message.offset)
+                try:
+                    pipeline.on_result(message.value, message.partition, message.offset)
+                except Exception as exc:  # a bad answer must not stop the merge agent
+                    log.exception("merge failed")
+                    pipeline.dead_letter(
+                        topics.RESPONSES,
+                        RawQuery(message.value, message.key, message.partition, message.offset),
+                        f"internal error: {exc!r}",
+                        "merge",
+                    )
                 self._wake.set()
 
         @app.agent(feedback, name="feedback")
         async def learn(stream: Any) -> None:
             async for event in stream.events():
-                self.on_feedback(event.message)
+                message = event.message
+                try:
+                    self.on_feedback(message)
+                except Exception as exc:  # nor a bad feedback record the feedback agent
+                    log.exception("feedback failed")
+                    pipeline.dead_letter(
+                        topics.FEEDBACK,
+                        RawQuery(message.value, message.key, message.partition, message.offset),
+                        f"internal error: {exc!r}",
+                        "feedback",
+                    )
 
         @app.task
         async def ticker() -> None:
@@ -146,10 +181,8 @@ class Worker:
                 wake = pipeline.tick()
                 delay = 0.005 if wake is None else (wake - now_us()) / 1e6
                 self._wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), max(0.0005, min(delay, 0.005)))
-                except TimeoutError:
-                    pass
 
         @app.on_partitions_revoked.connect
         async def revoked(app: Any, revoked: Any, **kwargs: Any) -> None:
@@ -194,7 +227,32 @@ class Worker:
         for model, weight in state.weights().items():
             metrics.BANDIT_WEIGHT.labels(remembered.key, model).set(weight)
 
+    def count_replicas(self) -> None:
+        """Live replicas per model, from their consumer groups' members."""
+        models = list(self.pipeline.registry.models)
+        if not models:
+            return
+        groups = [topics.model_group(m) for m in models]
+        for model, future in zip(
+            models, self.admin.describe_consumer_groups(groups).values(), strict=True
+        ):
+            try:
+                self.pipeline.replicas[model] = len(future.result(5).members)
+            except Exception as exc:  # a group not yet formed counts as unknown
+                log.debug("replica count for %s: %s", model, exc)
+
+    def _watch_replicas(self) -> None:
+        while not self._closed.wait(2.0):
+            try:
+                self.count_replicas()
+            except Exception:
+                log.exception("counting replicas failed")
+
+    def start_background(self) -> None:
+        threading.Thread(target=self._watch_replicas, name="replicas", daemon=True).start()
+
     def close(self) -> None:
+        self._closed.set()
         self.producer.flush(10)
         self.follower.close()
 
@@ -206,6 +264,7 @@ def run_worker(settings: Settings, loglevel: str = "warn") -> None:
     port = metrics.serve(settings.metrics_port)
     log.warning("metrics on :%d", port)
     worker = Worker(settings)
+    worker.start_background()
     try:
         FaustWorker(worker.app, loglevel=loglevel, quiet=True).execute_from_commandline()
     finally:

@@ -36,8 +36,12 @@ def fail(message: str) -> None:
 
 
 @click.group()
-@click.option("--log-level", default="warning", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--log-level",
+    default="warning",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
 def main(log_level: str) -> None:
     """clipstream: low-latency prediction serving over Kafka."""
     logging.basicConfig(
@@ -92,8 +96,11 @@ def broker_status() -> None:
 @main.command()
 @click.option("--partitions", type=int, default=None, help="partitions of the core topics")
 @click.option("--metrics-port", type=int, default=None, help="Prometheus port (0: a free one)")
-@click.option("--faust-log-level", default="warn",
-              type=click.Choice(["crit", "error", "warn", "info", "debug"]))
+@click.option(
+    "--faust-log-level",
+    default="warn",
+    type=click.Choice(["crit", "error", "warn", "info", "debug"]),
+)
 def worker(partitions: int | None, metrics_port: int | None, faust_log_level: str) -> None:
     """Run a worker: intake, cache, batching, merge and feedback (Faust)."""
     from streams.app import run_worker
@@ -127,10 +134,19 @@ def model() -> None:
 @model.command("deploy")
 @click.argument("name")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--method", default="predict_proba", show_default=True,
-              type=click.Choice(["predict_proba", "predict", "decision_function"]))
-@click.option("--format", "fmt", default="skops", show_default=True,
-              type=click.Choice(["skops", "pickle", "joblib"]))
+@click.option(
+    "--method",
+    default="predict_proba",
+    show_default=True,
+    type=click.Choice(["predict_proba", "predict", "decision_function"]),
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="skops",
+    show_default=True,
+    type=click.Choice(["skops", "pickle", "joblib"]),
+)
 @click.option("--input-dim", type=int, default=None)
 @click.option("--partitions", type=int, default=None, help="partitions of its requests topic")
 @click.option("--batch-max", type=int, default=None)
@@ -141,8 +157,9 @@ def model_deploy(name: str, path: Path, method: str, fmt: str, **opts: Any) -> N
     from models.registry import RegistryError, deploy_model
 
     try:
-        spec = deploy_model(settings_for(), name, str(path.resolve()), method=method, fmt=fmt,
-                            **opts)
+        spec = deploy_model(
+            settings_for(), name, str(path.resolve()), method=method, fmt=fmt, **opts
+        )
     except RegistryError as exc:
         fail(str(exc))
     click.echo(f"{name} v{spec['version']} serving")
@@ -175,14 +192,23 @@ def model_list(as_json: bool) -> None:
     table = Table("model", "serving", "versions", "method", "path")
     for name, spec in sorted(registry.models.items()):
         serving = registry.version_spec(name) or {}
-        table.add_row(name, f"v{spec['version']}",
-                      ", ".join(f"v{v['version']}" for v in spec["versions"]),
-                      serving.get("method", ""), serving.get("path", ""))
+        table.add_row(
+            name,
+            f"v{spec['version']}",
+            ", ".join(f"v{v['version']}" for v in spec["versions"]),
+            serving.get("method", ""),
+            serving.get("path", ""),
+        )
     Console().print(table)
     apps = Table("app", "policy", "models", "deadline ms", "default")
     for name, spec in sorted(registry.apps.items()):
-        apps.add_row(name, spec["policy"], ", ".join(spec["models"]), f"{spec['deadline_ms']:g}",
-                     str(spec["default_label"]))
+        apps.add_row(
+            name,
+            spec["policy"],
+            ", ".join(spec["models"]),
+            f"{spec['deadline_ms']:g}",
+            str(spec["default_label"]),
+        )
     Console().print(apps)
 
 
@@ -194,8 +220,12 @@ def app() -> None:
 @app.command("register")
 @click.argument("name")
 @click.option("--models", required=True, help="comma-separated model names")
-@click.option("--policy", default="SINGLE", show_default=True,
-              type=click.Choice(["SINGLE", "EXP3", "EXP4"], case_sensitive=False))
+@click.option(
+    "--policy",
+    default="SINGLE",
+    show_default=True,
+    type=click.Choice(["SINGLE", "EXP3", "EXP4"], case_sensitive=False),
+)
 @click.option("--deadline-ms", type=float, default=100.0, show_default=True)
 @click.option("--default-label", default=None, help="output when no model answers in time")
 @click.option("--personalised", is_flag=True, help="selection state per user/context")
@@ -208,8 +238,13 @@ def app_register(name: str, models: str, no_cache: bool, **opts: Any) -> None:
     from models.registry import RegistryError, register_app
 
     try:
-        register_app(settings_for(), name, [m.strip() for m in models.split(",") if m.strip()],
-                     cache=not no_cache, **opts)
+        register_app(
+            settings_for(),
+            name,
+            [m.strip() for m in models.split(",") if m.strip()],
+            cache=not no_cache,
+            **opts,
+        )
     except RegistryError as exc:
         fail(str(exc))
     click.echo(f"app {name} registered")
@@ -224,8 +259,9 @@ def app_register(name: str, models: str, no_cache: bool, **opts: Any) -> None:
 @click.option("--user", default=None)
 @click.option("--deadline-ms", type=int, default=None)
 @click.option("--timeout", type=float, default=10.0, show_default=True)
-def query(app_name: str, features: str, user: str | None, deadline_ms: int | None,
-          timeout: float) -> None:
+def query(
+    app_name: str, features: str, user: str | None, deadline_ms: int | None, timeout: float
+) -> None:
     """Send one query (FEATURES comma-separated) and print its prediction as JSON."""
     from streams.sdk import Predictor
 
@@ -234,8 +270,9 @@ def query(app_name: str, features: str, user: str | None, deadline_ms: int | Non
     except ValueError:
         fail("FEATURES must be comma-separated numbers")
     with Predictor(settings_for()) as predictor:
-        prediction = predictor.predict(app_name, vector, timeout=timeout, user=user,
-                                       deadline_ms=deadline_ms)
+        prediction = predictor.predict(
+            app_name, vector, timeout=timeout, user=user, deadline_ms=deadline_ms
+        )
     click.echo(json.dumps(prediction))
 
 
@@ -245,8 +282,9 @@ def query(app_name: str, features: str, user: str | None, deadline_ms: int | Non
 @click.option("--label", default=None, help="the true label")
 @click.option("--reward", type=float, default=None, help="a reward in [0, 1]")
 @click.option("--user", default=None)
-def feedback(query_id: str, app_name: str, label: str | None, reward: float | None,
-             user: str | None) -> None:
+def feedback(
+    query_id: str, app_name: str, label: str | None, reward: float | None, user: str | None
+) -> None:
     """Send feedback (the true label or a reward) for an earlier query."""
     from streams.sdk import Client
 

@@ -46,7 +46,9 @@ class Settings:
         for f in fields(cls):
             if f.name == "extra":
                 continue
-            env = "KAFKA_BOOTSTRAP_SERVERS" if f.name == "bootstrap" else ENV_PREFIX + f.name.upper()
+            env = (
+                "KAFKA_BOOTSTRAP_SERVERS" if f.name == "bootstrap" else ENV_PREFIX + f.name.upper()
+            )
             raw = os.environ.get(env)
             if raw is None or raw == "":
                 continue

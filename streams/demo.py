@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -78,7 +79,11 @@ def run_demo(rate: float = 150.0, replicas: int = 1, workdir: Path | None = None
             for name in DEMO_MODELS:
                 registry.deploy_model(settings, name, str(trained[name][0]), input_dim=64)
             registry.register_app(
-                settings, DEMO_APP, list(DEMO_MODELS), policy="EXP4", deadline_ms=1000,
+                settings,
+                DEMO_APP,
+                list(DEMO_MODELS),
+                policy="EXP4",
+                deadline_ms=1000,
                 default_label="0",
             )
             logs = workdir / "logs"
@@ -86,8 +91,12 @@ def run_demo(rate: float = 150.0, replicas: int = 1, workdir: Path | None = None
             for name in DEMO_MODELS:
                 for i in range(replicas):
                     children.append(
-                        spawn(f"replica-{name}-{i}",
-                              clipstream_command("replica", "--model", name), logs, env)
+                        spawn(
+                            f"replica-{name}-{i}",
+                            clipstream_command("replica", "--model", name),
+                            logs,
+                            env,
+                        )
                     )
             client = Client(settings)
             reader = PredictionReader(settings)
@@ -100,15 +109,22 @@ def run_demo(rate: float = 150.0, replicas: int = 1, workdir: Path | None = None
                 raise
             summary = stream_test_set(client, reader, rate)
             reader.close()
+            stop_all(children)  # before the broker goes: they would retry it forever
     except KeyboardInterrupt:
         console.print("interrupted: stopping everything")
         return 130
     finally:
-        for child in children:
-            child.stop()
+        stop_all(children)
     console.print(f"logs and models in {workdir}")
     print(summary, flush=True)
     return 0 if "lost=0" in summary else 1
+
+
+def stop_all(children: list[Child]) -> None:
+    for child in children:
+        child.signal(signal.SIGTERM)
+    for child in children:
+        child.stop()
 
 
 def stream_test_set(client: Client, reader: PredictionReader, rate: float) -> str:
@@ -118,8 +134,12 @@ def stream_test_set(client: Client, reader: PredictionReader, rate: float) -> st
     got: dict[str, dict] = {}
     interval = 1.0 / rate
     start = time.monotonic()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console) as progress:
         sending = progress.add_task("queries sent", total=len(X_test))
         answered = progress.add_task("predictions", total=len(X_test))
@@ -134,8 +154,8 @@ def stream_test_set(client: Client, reader: PredictionReader, rate: float) -> st
 
         for i, (x, y) in enumerate(zip(X_test, y_test, strict=True)):
             # open loop at a fixed rate: the schedule, not the answers, paces the sends
-            while time.monotonic() < start + i * interval:
-                drain(0.0)
+            while (wait := start + i * interval - time.monotonic()) > 0:
+                drain(wait)  # blocks in librdkafka until a prediction or the send time
             qid = client.send_query(DEMO_APP, x.tolist())
             truth[qid] = str(y)
             sent_at[qid] = time.time()
@@ -144,13 +164,11 @@ def stream_test_set(client: Client, reader: PredictionReader, rate: float) -> st
         while len(got) < len(truth) and time.monotonic() < deadline:
             drain(0.2)
     client.flush()
-    latencies = np.array(
-        [(r["received_at_us"] - r["sent_at_us"]) / 1000 for r in got.values()]
-    )
+    latencies = np.array([(r["received_at_us"] - r["sent_at_us"]) / 1000 for r in got.values()])
     correct = sum(r["label"] == truth[q] for q, r in got.items())
     defaults = sum(r["default"] for r in got.values())
     lost = len(truth) - len(got)
-    p50, p99 = (np.percentile(latencies, [50, 99]) if len(latencies) else (float("nan"),) * 2)
+    p50, p99 = np.percentile(latencies, [50, 99]) if len(latencies) else (float("nan"),) * 2
     return (
         f"demo: queries={len(truth)} predictions={len(got)} "
         f"accuracy={correct / max(1, len(got)):.3f} p50_ms={p50:.1f} p99_ms={p99:.1f} "

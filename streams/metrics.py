@@ -9,8 +9,22 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 # Latency buckets from 100 us to 10 s: a cache hit and a timed-out ensemble on one axis.
 LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
-    5.0, 10.0,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -33,7 +47,8 @@ STAGE_LATENCY = Histogram(
 )
 CACHE = Counter("clipstream_cache_total", "Prediction cache look-ups", ["model", "result"])
 DEADLINE_MISSES = Counter(
-    "clipstream_deadline_misses_total", "Queries whose models had not all answered by the deadline",
+    "clipstream_deadline_misses_total",
+    "Queries whose models had not all answered by the deadline",
     ["app"],
 )
 DEFAULTS = Counter("clipstream_default_outputs_total", "Default outputs emitted", ["app"])
@@ -45,7 +60,8 @@ BATCH_SIZE = Histogram(
 BATCH_MAX = Gauge("clipstream_batch_max", "Current AIMD batch-size limit", ["model"])
 QUEUE_DEPTH = Gauge("clipstream_batcher_queue_depth", "Rows waiting in a batcher", ["model"])
 LATE_ANSWERS = Counter(
-    "clipstream_late_answers_total", "Model answers that arrived after their query was emitted",
+    "clipstream_late_answers_total",
+    "Model answers that arrived after their query was emitted",
     ["model"],
 )
 FEEDBACK = Counter("clipstream_feedback_total", "Feedback records", ["app", "result"])
@@ -60,15 +76,21 @@ REPLICA_ERRORS = Counter(
     "clipstream_replica_row_errors_total", "Rows answered with an error", ["model"]
 )
 REPLICA_BATCH_SIZE = Histogram(
-    "clipstream_replica_batch_size", "Rows per batch at the replica", ["model"],
+    "clipstream_replica_batch_size",
+    "Rows per batch at the replica",
+    ["model"],
     buckets=BATCH_BUCKETS,
 )
 REPLICA_MODEL_LATENCY = Histogram(
-    "clipstream_replica_model_seconds", "Model compute time per batch", ["model"],
+    "clipstream_replica_model_seconds",
+    "Model compute time per batch",
+    ["model"],
     buckets=LATENCY_BUCKETS,
 )
 REPLICA_QUEUE_LATENCY = Histogram(
-    "clipstream_replica_queue_seconds", "Batch send to replica start", ["model"],
+    "clipstream_replica_queue_seconds",
+    "Batch send to replica start",
+    ["model"],
     buckets=LATENCY_BUCKETS,
 )
 

@@ -36,6 +36,8 @@ log = logging.getLogger("clipstream.pipeline")
 # A query whose client clock is further off than this gets its deadline from the
 # worker's intake time instead, so one skewed client cannot expire or pin its queries.
 MAX_CLOCK_SKEW_US = 60_000_000
+# A batch unanswered this long no longer holds one of its model's in-flight slots.
+INFLIGHT_TIMEOUT_US = 10_000_000
 
 
 def now_us() -> int:
@@ -160,19 +162,35 @@ class Pipeline:
         self.batchers: dict[tuple[str, int, int], Batcher] = {}
         self.controllers: dict[str, AIMDController] = {}
         self.inflight: dict[str, int] = {}
-        self._inflight_batches: dict[str, tuple[str, int, int]] = {}
+        # batch id -> (model, rows, sent at); insertion order is send order
+        self._inflight_batches: OrderedDict[str, tuple[str, int, int]] = OrderedDict()
+        #: live replicas per model (consumer-group members), kept current by the worker
+        self.replicas: dict[str, int] = {}
         # recently emitted ids: a redelivered query or a late answer must not emit twice
         self.emitted: OrderedDict[str, None] = OrderedDict()
         self.memory: OrderedDict[str, Remembered] = OrderedDict()
-        self.counts = {"queries": 0, "predictions": 0, "defaults": 0, "errors": 0,
-                       "dead_letters": 0, "duplicates": 0, "late_answers": 0}
+        self.counts = {
+            "queries": 0,
+            "predictions": 0,
+            "defaults": 0,
+            "errors": 0,
+            "dead_letters": 0,
+            "duplicates": 0,
+            "late_answers": 0,
+        }
 
     # -- intake -------------------------------------------------------------------------
 
     def on_queries(self, raws: Iterable[RawQuery], now: int | None = None) -> None:
         now = now or now_us()
         for raw in raws:
-            self._intake_one(raw, now)
+            try:
+                self._intake_one(raw, now)
+            except Exception as exc:  # one query's failure must not stop the others
+                log.exception("intake failed for a query")
+                self.dead_letter(
+                    topics.QUERIES, raw, f"internal error: {exc!r}", "intake", ack=raw.ack
+                )
         self.tick(now_us())
 
     def _intake_one(self, raw: RawQuery, now: int) -> None:
@@ -202,9 +220,18 @@ class Pipeline:
         start = sent if abs(now - sent) < MAX_CLOCK_SKEW_US else now
         deadline_ms = q["deadline_ms"] if q["deadline_ms"] is not None else app["deadline_ms"]
         p = Pending(
-            query_id=qid, app=q["app"], user=q["user"], key=key, partition=raw.partition,
-            sent_at_us=sent, intake_us=now, deadline_us=start + int(deadline_ms * 1000),
-            probs={}, versions={}, features=q["features"], ack=raw.ack,
+            query_id=qid,
+            app=q["app"],
+            user=q["user"],
+            key=key,
+            partition=raw.partition,
+            sent_at_us=sent,
+            intake_us=now,
+            deadline_us=start + int(deadline_ms * 1000),
+            probs={},
+            versions={},
+            features=q["features"],
+            ack=raw.ack,
         )
         for index, prob in choice:
             name = state.models[index]
@@ -243,7 +270,9 @@ class Pipeline:
             return f"expected {dim} features for app {q['app']!r}, got {len(features)}"
         return None
 
-    def _batcher(self, model: str, version: int, partition: int, spec: Mapping[str, Any]) -> Batcher:
+    def _batcher(
+        self, model: str, version: int, partition: int, spec: Mapping[str, Any]
+    ) -> Batcher:
         slot = (model, version, partition)
         batcher = self.batchers.get(slot)
         if batcher is None:
@@ -264,12 +293,15 @@ class Pipeline:
     def tick(self, now: int | None = None) -> int | None:
         """Flush due batches and expire due deadlines; returns when to tick next (us)."""
         now = now or now_us()
+        self._expire_inflight(now)
         wake: int | None = None
         for (model, version, partition), batcher in self.batchers.items():
-            while True:
-                # an idle model gets its rows at once; a busy one gets them batched
+            while batcher.pending and self._may_send(model):
+                # An idle model gets its rows at once. A busy one gets them when a batch is
+                # full or the window ran out, and only while it has a free slot: rows wait
+                # here, where they still batch, not in the model's Kafka queue.
                 idle = self.inflight.get(model, 0) == 0
-                items = batcher.flush() if idle and batcher.pending else batcher.due(now)
+                items = batcher.flush() if idle else batcher.due(now)
                 if not items:
                     break
                 self._send_batch(model, version, partition, items, now)
@@ -290,6 +322,22 @@ class Pipeline:
         metrics.PENDING.set(len(self.pending))
         return wake
 
+    def _may_send(self, model: str) -> bool:
+        # two batches per replica: one being computed, one on its way
+        return self.inflight.get(model, 0) < 2 * max(1, self.replicas.get(model, 1))
+
+    def _expire_inflight(self, now: int) -> None:
+        """Forget batches whose answer never came (a replica died and its batch went to
+        another worker's partition, or the answer was lost), so the slot is not held
+        forever; their queries are answered at their deadline regardless."""
+        timeout = INFLIGHT_TIMEOUT_US
+        while self._inflight_batches:
+            batch_id, (model, _, sent) = next(iter(self._inflight_batches.items()))
+            if now - sent < timeout:
+                break
+            del self._inflight_batches[batch_id]
+            self.inflight[model] = max(0, self.inflight.get(model, 0) - 1)
+
     def _send_batch(
         self, model: str, version: int, partition: int, qids: list[str], now: int
     ) -> None:
@@ -301,16 +349,22 @@ class Pipeline:
         batch_id = uuid.uuid4().hex
         deadline = min(self.pending[q].deadline_us for q in qids)
         batch = {
-            "batch_id": batch_id, "model": model, "version": version,
-            "reply_partition": partition, "query_ids": qids, "rows": X.shape[0],
-            "cols": X.shape[1] if X.ndim == 2 else 0, "inputs": X.tobytes(),
-            "sent_at_us": now, "deadline_at_us": deadline,
+            "batch_id": batch_id,
+            "model": model,
+            "version": version,
+            "reply_partition": partition,
+            "query_ids": qids,
+            "rows": X.shape[0],
+            "cols": X.shape[1] if X.ndim == 2 else 0,
+            "inputs": X.tobytes(),
+            "sent_at_us": now,
+            "deadline_at_us": deadline,
         }
         self.producer.produce(
             topics.model_requests(model), codec.encode("ModelBatch", batch), batch_id.encode()
         )
         self.inflight[model] = self.inflight.get(model, 0) + 1
-        self._inflight_batches[batch_id] = (model, version, len(qids))
+        self._inflight_batches[batch_id] = (model, len(qids), now)
         metrics.BATCH_SIZE.labels(model).observe(len(qids))
 
     # -- answers in ---------------------------------------------------------------------
@@ -320,8 +374,9 @@ class Pipeline:
         try:
             result = codec.decode("ModelBatchResult", value)
         except codec.DecodeError as exc:
-            self.dead_letter(topics.RESPONSES, RawQuery(value, None, partition, offset), str(exc),
-                             "merge")
+            self.dead_letter(
+                topics.RESPONSES, RawQuery(value, None, partition, offset), str(exc), "merge"
+            )
             return
         model = result["model"]
         sent = self._inflight_batches.pop(result["batch_id"], None)
@@ -330,7 +385,7 @@ class Pipeline:
             controller = self.controllers.get(model)
             if controller is not None:
                 metrics.BATCH_MAX.labels(model).set(
-                    controller.observe(sent[2], float(result["model_us"]))
+                    controller.observe(sent[1], float(result["model_us"]))
                 )
         metrics.STAGE_LATENCY.labels("model").observe(result["model_us"] / 1e6)
         classes = list(result["classes"])
@@ -342,18 +397,19 @@ class Pipeline:
         )
         for i, qid in enumerate(result["query_ids"]):
             row = scores[i] if scores is not None and scores.shape[1] else None
-            answer = Answer(model, result["version"], result["labels"][i], row, classes,
-                            result["errors"][i])
+            answer = Answer(
+                model, result["version"], result["labels"][i], row, classes, result["errors"][i]
+            )
             p = self.pending.get(qid)
             if p is None or p.done:
                 self.counts["late_answers"] += 1
                 metrics.LATE_ANSWERS.labels(model).inc()
                 continue
             if answer.error is None and model in p.versions:
-                cached = Answer(model, answer.version, answer.label, answer.scores, classes,
-                                None, True)
-                self.cache.put(self.cache.key(model, answer.version, _as_bytes(p.features)),
-                               cached)
+                cached = Answer(
+                    model, answer.version, answer.label, answer.scores, classes, None, True
+                )
+                self.cache.put(self.cache.key(model, answer.version, _as_bytes(p.features)), cached)
             p.answers[model] = answer
             if len(p.answers) == len(p.probs):
                 self._emit(p, now)
@@ -397,18 +453,30 @@ class Pipeline:
             self.counts["defaults"] += 1
             metrics.DEFAULTS.labels(p.app).inc()
         record = {
-            "query_id": p.query_id, "app": p.app, "user": p.user, "label": label,
+            "query_id": p.query_id,
+            "app": p.app,
+            "user": p.user,
+            "label": label,
             "score": score,
             "models": [f"{m}@{a.version}" for m, a in answered.items()],
             "answers": [
-                {"model": m, "version": a.version, "label": a.label, "score": a.score,
-                 "prob": float(p.probs.get(m, 0.0)), "error": a.error,
-                 "cache_hit": a.cache_hit}
+                {
+                    "model": m,
+                    "version": a.version,
+                    "label": a.label,
+                    "score": a.score,
+                    "prob": float(p.probs.get(m, 0.0)),
+                    "error": a.error,
+                    "cache_hit": a.cache_hit,
+                }
                 for m, a in p.answers.items()
             ],
             "cache_hit": bool(answered) and all(a.cache_hit for a in answered.values()),
-            "default": default, "error": error, "sent_at_us": p.sent_at_us,
-            "emitted_at_us": now, "worker_us": now - p.intake_us,
+            "default": default,
+            "error": error,
+            "sent_at_us": p.sent_at_us,
+            "emitted_at_us": now,
+            "worker_us": now - p.intake_us,
         }
         self.remember(p)
         self._produce_prediction(record, p.key, p.ack, now)
@@ -417,10 +485,19 @@ class Pipeline:
     def _emit_error(self, q: dict[str, Any], raw: RawQuery, reason: str, now: int) -> None:
         self.counts["errors"] += 1
         record = {
-            "query_id": q["query_id"], "app": q["app"], "user": q["user"],
-            "label": None, "score": None, "models": [], "answers": [], "cache_hit": False,
-            "default": False, "error": reason, "sent_at_us": q["sent_at_us"],
-            "emitted_at_us": now, "worker_us": 0,
+            "query_id": q["query_id"],
+            "app": q["app"],
+            "user": q["user"],
+            "label": None,
+            "score": None,
+            "models": [],
+            "answers": [],
+            "cache_hit": False,
+            "default": False,
+            "error": reason,
+            "sent_at_us": q["sent_at_us"],
+            "emitted_at_us": now,
+            "worker_us": 0,
         }
         self._produce_prediction(
             record, selection_key(q["app"], q["user"]), raw.ack, now, outcome="error"
@@ -428,7 +505,11 @@ class Pipeline:
         self._mark_emitted(q["query_id"])
 
     def _produce_prediction(
-        self, record: dict[str, Any], key: str, ack: Callable[[], None] | None, now: int,
+        self,
+        record: dict[str, Any],
+        key: str,
+        ack: Callable[[], None] | None,
+        now: int,
         outcome: str | None = None,
     ) -> None:
         value = codec.encode("Prediction", record)
@@ -457,9 +538,11 @@ class Pipeline:
 
     def remember(self, p: Pending) -> None:
         self.memory[p.query_id] = Remembered(
-            key=p.key, app=p.app,
+            key=p.key,
+            app=p.app,
             labels={m: (a.label if a.error is None else None) for m, a in p.answers.items()},
-            probs=dict(p.probs), at_us=p.intake_us,
+            probs=dict(p.probs),
+            at_us=p.intake_us,
         )
         if len(self.memory) > self.settings.answer_memory:
             self.memory.popitem(last=False)
@@ -488,9 +571,15 @@ class Pipeline:
         self.counts["dead_letters"] += 1
         metrics.DEAD_LETTERS.labels(stage).inc()
         record = {
-            "source_topic": source, "partition": raw.partition, "offset": raw.offset,
-            "key": raw.key, "value": raw.value, "reason": reason, "stage": stage,
-            "query_id": query_id, "at_us": now_us(),
+            "source_topic": source,
+            "partition": raw.partition,
+            "offset": raw.offset,
+            "key": raw.key,
+            "value": raw.value,
+            "reason": reason,
+            "stage": stage,
+            "query_id": query_id,
+            "at_us": now_us(),
         }
         self.producer.produce(
             topics.DEADLETTER,

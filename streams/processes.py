@@ -8,6 +8,7 @@ serve the next run's broker.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,9 +21,7 @@ _children: weakref.WeakSet[Child] = weakref.WeakSet()
 
 
 class Child:
-    def __init__(
-        self, name: str, args: list[str], env: dict[str, str], log_path: Path
-    ) -> None:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path) -> None:
         self.name = name
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,10 +45,8 @@ class Child:
 
     def signal(self, sig: int) -> None:
         if self.alive():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
 
     def kill(self) -> None:
         """kill -9, as a crash would."""
@@ -80,9 +77,7 @@ def clipstream_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "streams.cli", *args]
 
 
-def spawn(
-    name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None
-) -> Child:
+def spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Child:
     full_env = dict(os.environ)
     full_env.update(env or {})
     full_env.setdefault("PYTHONUNBUFFERED", "1")

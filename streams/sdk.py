@@ -18,6 +18,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from streams import codec, topics
 from streams.config import Settings
+from streams.kafka_util import consume_ready
 
 
 def now_us() -> int:
@@ -76,9 +77,14 @@ class Client:
         """Produce one query; returns its id."""
         qid = query_id or uuid.uuid4().hex
         record = {
-            "query_id": qid, "app": app, "user": user,
-            "features": [float(x) for x in features], "raw": raw, "text": text,
-            "sent_at_us": now_us(), "deadline_ms": deadline_ms,
+            "query_id": qid,
+            "app": app,
+            "user": user,
+            "features": [float(x) for x in features],
+            "raw": raw,
+            "text": text,
+            "sent_at_us": now_us(),
+            "deadline_ms": deadline_ms,
         }
         self._produce(topics.QUERIES, codec.encode("Query", record), query_key(app, user))
         return qid
@@ -93,8 +99,11 @@ class Client:
         user: str | None = None,
     ) -> None:
         record = {
-            "query_id": query_id, "app": app, "user": user,
-            "label": None if label is None else str(label), "reward": reward,
+            "query_id": query_id,
+            "app": app,
+            "user": user,
+            "label": None if label is None else str(label),
+            "reward": reward,
             "sent_at_us": now_us(),
         }
         self._produce(topics.FEEDBACK, codec.encode("Feedback", record), query_key(app, user))
@@ -145,7 +154,9 @@ class PredictionReader:
                 tp = TopicPartition(topics.PREDICTIONS, p)
                 # explicit end offsets, resolved now: predictions produced from here on are seen
                 low, high = self.consumer.get_watermark_offsets(tp, timeout=30)
-                assignment.append(TopicPartition(topics.PREDICTIONS, p, low if from_beginning else high))
+                assignment.append(
+                    TopicPartition(topics.PREDICTIONS, p, low if from_beginning else high)
+                )
             self.consumer.assign(assignment)
         else:
             self.consumer.subscribe([topics.PREDICTIONS])
@@ -153,7 +164,7 @@ class PredictionReader:
 
     def poll(self, timeout: float = 0.1, max_records: int = 1000) -> list[dict[str, Any]]:
         out = []
-        for msg in self.consumer.consume(max_records, timeout):
+        for msg in consume_ready(self.consumer, max_records, timeout):
             if msg.error():
                 if msg.error().code() != KafkaError._PARTITION_EOF:
                     raise RuntimeError(f"predictions topic: {msg.error()}")

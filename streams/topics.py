@@ -53,7 +53,7 @@ def ensure_topics(admin: AdminClient, topics: list[NewTopic], timeout: float = 3
     existing = admin.list_topics(timeout=timeout).topics
     missing = [t for t in topics if t.topic not in existing]
     if missing:
-        for name, future in admin.create_topics(missing, operation_timeout=timeout).items():
+        for _name, future in admin.create_topics(missing, operation_timeout=timeout).items():
             try:
                 future.result(timeout)
             except KafkaException as exc:
@@ -78,7 +78,9 @@ def wait_for_topics(admin: AdminClient, names: list[str], timeout: float = 30.0)
     while True:
         md = admin.list_topics(timeout=timeout).topics
         ready = all(
-            n in md and md[n].error is None and md[n].partitions
+            n in md
+            and md[n].error is None
+            and md[n].partitions
             and all(p.leader >= 0 for p in md[n].partitions.values())
             for n in names
         )

@@ -40,15 +40,15 @@ def digits_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[P
 
 
 @pytest.fixture
-def processes(
-    kafka_settings: Settings, tmp_path: Path
-) -> Iterator[Callable[..., Child]]:
+def processes(kafka_settings: Settings, tmp_path: Path) -> Iterator[Callable[..., Child]]:
     """Start clipstream CLI processes against the test broker; all are stopped at the end."""
     started: list[Child] = []
 
     def start(name: str, *args: str, env: dict[str, str] | None = None) -> Child:
-        full_env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_settings.require_bootstrap(),
-                    "CLIPSTREAM_PARTITIONS": str(kafka_settings.partitions)}
+        full_env = {
+            "KAFKA_BOOTSTRAP_SERVERS": kafka_settings.require_bootstrap(),
+            "CLIPSTREAM_PARTITIONS": str(kafka_settings.partitions),
+        }
         full_env.update(env or {})
         child = spawn(name, clipstream_command(*args), tmp_path / "logs", full_env)
         started.append(child)
@@ -66,8 +66,9 @@ def processes(
             print(f"--- {child.name} (exit {child.proc.returncode}) ---\n{child.log_tail(60)}")
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str,
-             interval: float = 0.05) -> object:
+def wait_for(
+    predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05
+) -> object:
     """Poll ``predicate`` until it returns something truthy; fail with ``what`` on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -69,9 +69,19 @@ def resolve_jars(cache_dir: Path | None = None) -> list[Path]:
             return sorted(libs.glob("*.jar"))
         staging = Path(tempfile.mkdtemp(prefix="libs-", dir=libs.parent))
         result = subprocess.run(
-            [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
-             "-DincludeScope=runtime", f"-DoutputDirectory={staging}"],
-            capture_output=True, text=True, check=False,
+            [
+                mvn,
+                "-q",
+                "-B",
+                "-f",
+                str(POM),
+                "dependency:copy-dependencies",
+                "-DincludeScope=runtime",
+                f"-DoutputDirectory={staging}",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0 or not any(staging.glob("kafka_2.13-*.jar")):
             shutil.rmtree(staging, ignore_errors=True)
@@ -158,12 +168,12 @@ class EmbeddedBroker:
             "node.id": "1",
             "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
             "listeners": f"PLAINTEXT://127.0.0.1:{self.port},"
-                         f"CONTROLLER://127.0.0.1:{self.controller_port}",
+            f"CONTROLLER://127.0.0.1:{self.controller_port}",
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
             "controller.listener.names": "CONTROLLER",
             "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,"
-                                              "SSL:SSL,SASL_PLAINTEXT:SASL_PLAINTEXT,"
-                                              "SASL_SSL:SASL_SSL",
+            "SSL:SSL,SASL_PLAINTEXT:SASL_PLAINTEXT,"
+            "SASL_SSL:SASL_SSL",
             "log.dirs": str(self.data_dir / "logs"),
             "num.partitions": "1",
             "auto.create.topics.enable": "false",
@@ -186,12 +196,19 @@ class EmbeddedBroker:
     def _java(self, jars: list[Path], main: str, *args: str) -> list[str]:
         java = _require("java", "install a Java 17+ runtime (apt-get install openjdk-17-jre)")
         return [
-            java, f"-Xmx{self.heap}", f"-Xms{self.heap}",
+            java,
+            f"-Xmx{self.heap}",
+            f"-Xms{self.heap}",
             # start-up speed on 2 cores matters more here than peak JIT performance
-            "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true",
+            "-XX:+UseSerialGC",
+            "-XX:TieredStopAtLevel=1",
+            "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={LOG4J}",
             f"-Dclipstream.broker.log={self.log_path}",
-            "-cp", os.pathsep.join(str(j) for j in jars), main, *args,
+            "-cp",
+            os.pathsep.join(str(j) for j in jars),
+            main,
+            *args,
         ]
 
     def start(self, timeout: float = 120.0) -> None:
@@ -206,16 +223,29 @@ class EmbeddedBroker:
         config.write_text("".join(f"{k}={v}\n" for k, v in self._properties().items()))
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         fmt = subprocess.run(
-            self._java(jars, "kafka.tools.StorageTool", "format", "-t", cluster_id,
-                       "-c", str(config), "--standalone", "--ignore-formatted"),
-            capture_output=True, text=True, check=False,
+            self._java(
+                jars,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(config),
+                "--standalone",
+                "--ignore-formatted",
+            ),
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if fmt.returncode != 0:
             raise BrokerError(f"formatting the KRaft log dir failed:\n{fmt.stdout}{fmt.stderr}")
         self._out = open(self.data_dir / "broker.out", "ab")  # noqa: SIM115 -- kept while running
         self.proc = subprocess.Popen(
             self._java(jars, "kafka.Kafka", str(config)),
-            stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
         if not self.detached:
@@ -223,8 +253,11 @@ class EmbeddedBroker:
         deadline = time.monotonic() + timeout
         while not admin_answers(self.bootstrap, timeout=1.0):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                why = (f"exited with {self.proc.returncode}" if self.proc.poll() is not None
-                       else f"did not answer within {timeout:.0f}s")
+                why = (
+                    f"exited with {self.proc.returncode}"
+                    if self.proc.poll() is not None
+                    else f"did not answer within {timeout:.0f}s"
+                )
                 tail = self.log_tail()
                 self.stop()
                 raise BrokerError(f"Kafka broker {why}; last lines of its log:\n{tail}")
@@ -299,8 +332,12 @@ def start_detached(directory: Path | None = None, port: int | None = None) -> di
     shutil.rmtree(data, ignore_errors=True)
     broker = EmbeddedBroker(port=port, data_dir=data, detached=True)
     broker.start()
-    state = {"pid": broker.pid, "bootstrap": broker.bootstrap, "data_dir": str(data),
-             "log": str(broker.log_path)}
+    state = {
+        "pid": broker.pid,
+        "bootstrap": broker.bootstrap,
+        "data_dir": str(data),
+        "log": str(broker.log_path),
+    }
     (directory / "broker.json").write_text(json.dumps(state))
     return state
 

@@ -7,8 +7,9 @@ from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
-from streams import codec, topics
+from streams import codec
 from streams.config import Settings
+from streams.kafka_util import consume_ready
 from streams.sdk import Client, PredictionReader
 
 
@@ -20,7 +21,7 @@ def collect(
     got: dict[str, list[dict[str, Any]]] = {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not wanted.issubset(got):
-        for msg in reader.consumer.consume(500, 0.2):
+        for msg in consume_ready(reader.consumer, 500, 0.2):
             if msg.error():
                 continue
             record = codec.decode("Prediction", msg.value())
@@ -30,7 +31,10 @@ def collect(
 
 
 def wait_until_serving(
-    client: Client, reader: PredictionReader, app: str, features: list[float],
+    client: Client,
+    reader: PredictionReader,
+    app: str,
+    features: list[float],
     timeout: float = 90.0,
 ) -> dict[str, Any]:
     """Send one query with a long deadline; return its prediction once the path is up."""
@@ -43,8 +47,9 @@ def wait_until_serving(
 
 def read_all(settings: Settings, topic: str, kind: str, timeout: float = 10.0) -> list[dict]:
     """Every record currently on ``topic`` (all partitions, from the beginning)."""
-    consumer = Consumer(settings.kafka(**{"group.id": f"test-read-{time.time_ns()}",
-                                          "enable.auto.commit": False}))
+    consumer = Consumer(
+        settings.kafka(**{"group.id": f"test-read-{time.time_ns()}", "enable.auto.commit": False})
+    )
     try:
         md = consumer.list_topics(topic, timeout=timeout).topics[topic]
         ends = {}

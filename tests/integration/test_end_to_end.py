@@ -21,8 +21,9 @@ MODEL = "digits-logreg"
 @pytest.fixture(scope="module")
 def served(kafka_settings, digits_models):
     registry.deploy_model(kafka_settings, MODEL, str(digits_models[MODEL][0]), input_dim=64)
-    registry.register_app(kafka_settings, APP, [MODEL], policy="SINGLE", deadline_ms=5000,
-                          default_label="0")
+    registry.register_app(
+        kafka_settings, APP, [MODEL], policy="SINGLE", deadline_ms=5000, default_label="0"
+    )
     return kafka_settings
 
 

@@ -30,6 +30,10 @@ def test_compose_file_is_valid_and_commands_exist() -> None:
         source = volume.split(":")[0]
         assert (ROOT / source).is_file(), source
     prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
-    scraped = {n for job in prometheus["scrape_configs"] for sd in job["dns_sd_configs"]
-               for n in sd["names"]}
+    scraped = {
+        n
+        for job in prometheus["scrape_configs"]
+        for sd in job["dns_sd_configs"]
+        for n in sd["names"]
+    }
     assert scraped == {n for n in services if n == "worker" or n.startswith("replica")}

@@ -37,66 +37,128 @@ class RecordingProducer:
 def make_registry(policy: str = "SINGLE", models: tuple[str, ...] = ("m1",)) -> Registry:
     reg = Registry()
     for name in models:
-        reg.apply({"kind": "MODEL", "name": name, "deleted": False, "app": None, "model": {
-            "version": 1, "partitions": 2, "batch_max": 4, "batch_wait_ms": 1.0,
-            "latency_slo_ms": 20.0,
-            "versions": [{"version": 1, "path": "/x", "format": "skops",
-                          "method": "predict_proba", "input_dim": 3, "deployed_at_us": 0}],
-        }})
-    reg.apply({"kind": "APP", "name": "app", "deleted": False, "model": None, "app": {
-        "models": list(models), "policy": policy, "deadline_ms": 50.0, "default_label": "dflt",
-        "personalised": False, "input_dim": 3, "eta": 0.1, "gamma": 0.05, "cache": True,
-    }})
+        reg.apply(
+            {
+                "kind": "MODEL",
+                "name": name,
+                "deleted": False,
+                "app": None,
+                "model": {
+                    "version": 1,
+                    "partitions": 2,
+                    "batch_max": 4,
+                    "batch_wait_ms": 1.0,
+                    "latency_slo_ms": 20.0,
+                    "versions": [
+                        {
+                            "version": 1,
+                            "path": "/x",
+                            "format": "skops",
+                            "method": "predict_proba",
+                            "input_dim": 3,
+                            "deployed_at_us": 0,
+                        }
+                    ],
+                },
+            }
+        )
+    reg.apply(
+        {
+            "kind": "APP",
+            "name": "app",
+            "deleted": False,
+            "model": None,
+            "app": {
+                "models": list(models),
+                "policy": policy,
+                "deadline_ms": 50.0,
+                "default_label": "dflt",
+                "personalised": False,
+                "input_dim": 3,
+                "eta": 0.1,
+                "gamma": 0.05,
+                "cache": True,
+            },
+        }
+    )
     return reg
 
 
 def query(qid: str, features: list[float], sent: int | None = None) -> bytes:
-    return codec.encode("Query", {
-        "query_id": qid, "app": "app", "user": None, "features": features, "raw": None,
-        "text": None, "sent_at_us": sent or now_us(), "deadline_ms": None,
-    })
+    return codec.encode(
+        "Query",
+        {
+            "query_id": qid,
+            "app": "app",
+            "user": None,
+            "features": features,
+            "raw": None,
+            "text": None,
+            "sent_at_us": sent or now_us(),
+            "deadline_ms": None,
+        },
+    )
 
 
 def answer_batches(pipe: Pipeline, producer: RecordingProducer, label: str = "1") -> int:
-    """Play a replica: answer every batch sent so far with ``label``."""
-    n = 0
-    for batch in producer.on(topics.model_requests("m1"), "ModelBatch"):
+    """Play a replica: answer the batches sent so far with ``label`` (and only those)."""
+    requests = [s for s in producer.sent if s[0].endswith(".requests")]
+    producer.sent = [s for s in producer.sent if not s[0].endswith(".requests")]
+    for _, value, _, _ in requests:
+        batch = codec.decode("ModelBatch", value)
         rows = batch["rows"]
         result = {
-            "batch_id": batch["batch_id"], "model": batch["model"], "version": batch["version"],
-            "replica": "r", "query_ids": batch["query_ids"], "labels": [label] * rows,
-            "classes": ["0", "1"], "scores": np.tile([0.2, 0.8], (rows, 1)).tobytes(),
-            "errors": [None] * rows, "batch_sent_at_us": batch["sent_at_us"], "model_us": 100,
+            "batch_id": batch["batch_id"],
+            "model": batch["model"],
+            "version": batch["version"],
+            "replica": "r",
+            "query_ids": batch["query_ids"],
+            "labels": [label] * rows,
+            "classes": ["0", "1"],
+            "scores": np.tile([0.2, 0.8], (rows, 1)).tobytes(),
+            "errors": [None] * rows,
+            "batch_sent_at_us": batch["sent_at_us"],
+            "model_us": 100,
         }
         pipe.on_result(codec.encode("ModelBatchResult", result), batch["reply_partition"])
-        n += 1
-    producer.sent = [s for s in producer.sent if not s[0].endswith(".requests")]
-    return n
+    return len(requests)
 
 
 @pytest.fixture
 def setup() -> tuple[Pipeline, RecordingProducer, list[str]]:
     producer = RecordingProducer()
-    pipe = Pipeline(Settings(bootstrap="unused:1"), make_registry(), producer, DictStateStore(),
-                    rng=np.random.default_rng(0))
+    pipe = Pipeline(
+        Settings(bootstrap="unused:1"),
+        make_registry(),
+        producer,
+        DictStateStore(),
+        rng=np.random.default_rng(0),
+    )
     return pipe, producer, []
 
 
 def test_each_query_gets_one_prediction_and_is_acked_after_delivery(setup) -> None:
     pipe, producer, acked = setup
-    raws = [RawQuery(query(f"q{i}", [1.0, 2.0, float(i)]), b"app", 0, i,
-                     lambda i=i: acked.append(f"q{i}")) for i in range(10)]
+    raws = [
+        RawQuery(
+            query(f"q{i}", [1.0, 2.0, float(i)]), b"app", 0, i, lambda i=i: acked.append(f"q{i}")
+        )
+        for i in range(10)
+    ]
     start = now_us()
     pipe.on_queries(raws, start)
     assert not producer.on(topics.PREDICTIONS, "Prediction")
     assert acked == []  # nothing acked before its prediction exists
     batches = producer.on(topics.model_requests("m1"), "ModelBatch")
-    # full batches go at once (limit 4); the last 2 wait for the 1 ms window
+    # full batches of the AIMD limit (4) go at once, while the model has free slots (2)
     assert [b["rows"] for b in batches] == [4, 4]
     pipe.tick(start + 1_500)
-    batches = producer.on(topics.model_requests("m1"), "ModelBatch")
-    assert [b["rows"] for b in batches] == [4, 4, 2]
-    answer_batches(pipe, producer)
+    # the window ran out, but both slots are taken: the last 2 rows wait here, not in Kafka
+    assert [b["rows"] for b in producer.on(topics.model_requests("m1"), "ModelBatch")] == [4, 4]
+    assert answer_batches(pipe, producer) == 2
+    # with the model idle again the waiting rows go out
+    assert [b["rows"] for b in producer.on(topics.model_requests("m1"), "ModelBatch")] == [2]
+    assert answer_batches(pipe, producer) == 1
     pipe.tick(now_us())  # poll delivery callbacks
     preds = producer.on(topics.PREDICTIONS, "Prediction")
     assert sorted(p["query_id"] for p in preds) == sorted(f"q{i}" for i in range(10))
@@ -112,10 +174,17 @@ def test_duplicate_query_ids_and_late_answers_do_not_emit_twice(setup) -> None:
     answer_batches(pipe, producer)
     for batch in batches:  # the same answer again, as after a replica crash
         result = {
-            "batch_id": batch["batch_id"], "model": "m1", "version": 1, "replica": "r2",
-            "query_ids": batch["query_ids"], "labels": ["1"], "classes": ["0", "1"],
-            "scores": np.array([[0.2, 0.8]]).tobytes(), "errors": [None],
-            "batch_sent_at_us": 0, "model_us": 1,
+            "batch_id": batch["batch_id"],
+            "model": "m1",
+            "version": 1,
+            "replica": "r2",
+            "query_ids": batch["query_ids"],
+            "labels": ["1"],
+            "classes": ["0", "1"],
+            "scores": np.array([[0.2, 0.8]]).tobytes(),
+            "errors": [None],
+            "batch_sent_at_us": 0,
+            "model_us": 1,
         }
         pipe.on_result(codec.encode("ModelBatchResult", result), 0)
     pipe.on_queries([RawQuery(query("q", [1, 2, 3]), b"app", 0, 2)])  # after emission

@@ -44,8 +44,14 @@ def test_compatibility_check_catches_a_breaking_change() -> None:
 
 def test_fastavro_round_trip_and_garbage_rejected() -> None:
     record = {
-        "query_id": "q1", "app": "a", "user": None, "features": [1.0, 2.5], "raw": None,
-        "text": None, "sent_at_us": 123, "deadline_ms": 50,
+        "query_id": "q1",
+        "app": "a",
+        "user": None,
+        "features": [1.0, 2.5],
+        "raw": None,
+        "text": None,
+        "sent_at_us": 123,
+        "deadline_ms": 50,
     }
     data = codec.encode("Query", record)
     assert codec.decode("Query", data) == record
