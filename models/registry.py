@@ -104,21 +104,23 @@ class ControlFollower:
             self._poll(0.2)
 
     def _poll(self, timeout: float) -> None:
+        # One lock over reading and applying: ``sync`` in another thread must not see the
+        # offset advanced before the record it covers is in the registry.
         with self._lock:
-            msgs = self._consumer.consume(100, timeout)
-        for msg in msgs:
-            if msg.error():
-                if msg.error().code() != KafkaError._PARTITION_EOF:
-                    raise RuntimeError(f"control topic: {msg.error()}")
-                continue
-            self._next_offset = msg.offset() + 1
-            try:
-                record = codec.decode("ControlRecord", msg.value())
-            except codec.DecodeError:
-                continue  # written by something else; the registry ignores it
-            self.registry.apply(record)
-            if self.on_change is not None:
-                self.on_change(record)
+            for msg in self._consumer.consume(100, timeout):
+                if msg.error():
+                    if msg.error().code() != KafkaError._PARTITION_EOF:
+                        raise RuntimeError(f"control topic: {msg.error()}")
+                    continue
+                try:
+                    record = codec.decode("ControlRecord", msg.value())
+                except codec.DecodeError:
+                    record = None  # written by something else; the registry ignores it
+                if record is not None:
+                    self.registry.apply(record)
+                    if self.on_change is not None:
+                        self.on_change(record)
+                self._next_offset = msg.offset() + 1
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="control-follower", daemon=True)
@@ -162,6 +164,7 @@ def deploy_model(
     method: str = "predict_proba",
     fmt: str = "skops",
     input_dim: int | None = None,
+    nan_policy: str = "reject",
     partitions: int | None = None,
     batch_max: int | None = None,
     batch_wait_ms: float | None = None,
@@ -192,6 +195,7 @@ def deploy_model(
             "format": fmt,
             "method": method,
             "input_dim": input_dim,
+            "nan_policy": nan_policy,
             "deployed_at_us": time.time_ns() // 1000,
         }
     )

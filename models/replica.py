@@ -54,6 +54,7 @@ class Replica:
         # version -> adapter; pre-filled adapters let tests serve callables without files
         self._adapters: dict[int, ModelAdapter] = dict(adapters or {})
         self._failed: dict[int, str] = {}
+        self._unknown_until: dict[int, float] = {}
         self.stopping = threading.Event()
         self.ready = threading.Event()
         self.batches_served = 0
@@ -69,9 +70,12 @@ class Replica:
         if version in self._failed:
             return self._failed[version]
         spec = self.follower.registry.version_spec(self.model, version)
-        if spec is None:
+        if spec is None and time.monotonic() >= self._unknown_until.get(version, 0.0):
+            # a batch can overtake the deploy record on its way here: read up once
             self.follower.sync(10)
             spec = self.follower.registry.version_spec(self.model, version)
+            if spec is None:
+                self._unknown_until[version] = time.monotonic() + 5.0
         if spec is None:
             return f"model {self.model} has no version {version} in the registry"
         try:
@@ -81,7 +85,13 @@ class Replica:
                 trusted=self.trusted_types,
                 trust_pickle=self.trust_pickle,
             )
-            adapter = SklearnAdapter(estimator, self.model, version, method=spec["method"])
+            adapter = SklearnAdapter(
+                estimator,
+                self.model,
+                version,
+                method=spec["method"],
+                nan_policy=spec["nan_policy"],
+            )
         except Exception as exc:  # a bad file must not take the replica down
             reason = f"cannot load {self.model} v{version} from {spec['path']}: {exc}"
             log.error(reason)

@@ -148,6 +148,13 @@ def model() -> None:
     type=click.Choice(["skops", "pickle", "joblib"]),
 )
 @click.option("--input-dim", type=int, default=None)
+@click.option(
+    "--nan-policy",
+    default="reject",
+    show_default=True,
+    type=click.Choice(["reject", "allow", "zero"]),
+    help="rows with NaN or inf",
+)
 @click.option("--partitions", type=int, default=None, help="partitions of its requests topic")
 @click.option("--batch-max", type=int, default=None)
 @click.option("--batch-wait-ms", type=float, default=None)
@@ -305,6 +312,38 @@ def demo(rate: float, replicas: int, workdir: Path | None) -> None:
     from streams.demo import run_demo
 
     sys.exit(run_demo(rate=rate, replicas=replicas, workdir=workdir))
+
+
+@main.command()
+@click.option(
+    "--suite",
+    default="batching",
+    show_default=True,
+    type=click.Choice(["batching"]),
+    help="what to measure",
+)
+@click.option("--models", default="digits-logreg,digits-forest", show_default=True)
+@click.option(
+    "--rows",
+    type=int,
+    default=2000,
+    show_default=True,
+    help="rows per replica-level run at batch size 1",
+)
+@click.option(
+    "--queries", type=int, default=2000, show_default=True, help="queries per end-to-end run"
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="write all figures as JSON",
+)
+def bench(suite: str, models: str, rows: int, queries: int, out: Path | None) -> None:
+    """Measure side by side in one run (starts the embedded broker if none is configured)."""
+    from streams.bench import run_bench
+
+    sys.exit(run_bench(suite, [m for m in models.split(",") if m], rows, queries, out))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,12 @@
-"""Avro wire format: fastavro on the hot path, schemas read from ``schemas/*.avsc``."""
+"""Avro wire format: fastavro on the hot path, schemas read from ``schemas/*.avsc``.
+
+Every message is Avro single-object encoded (the Avro spec's ``C3 01`` marker, then the
+8-byte CRC-64-AVRO fingerprint of the writer's schema, then the body), so a reader always
+knows which schema wrote the bytes. A record written by an older release is read through
+Avro schema resolution with that release's schema as the writer schema; its schemas are
+kept in ``streams/schema_history/<release>/``. Without this, a reader whose schema gained
+a field would misread every older record (the bytes carry no field names).
+"""
 
 from __future__ import annotations
 
@@ -43,14 +51,43 @@ def schema_json(kind: str) -> dict[str, Any]:
     return json.loads((schema_dir() / SCHEMA_FILES[kind]).read_text())
 
 
+MAGIC = b"\xc3\x01"
+HISTORY = Path(__file__).resolve().parent / "schema_history"
+
+
 @cache
 def parsed(kind: str) -> Any:
     return fastavro.parse_schema(schema_json(kind))
 
 
+def fingerprint(schema: dict[str, Any]) -> bytes:
+    """CRC-64-AVRO of the schema's canonical form, little-endian, as the spec frames it."""
+    canonical = fastavro.schema.to_parsing_canonical_form(schema)
+    value = int(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO"), 16)
+    return value.to_bytes(8, "little")
+
+
+@cache
+def header(kind: str) -> bytes:
+    return MAGIC + fingerprint(schema_json(kind))
+
+
+@cache
+def writers(kind: str) -> dict[bytes, Any]:
+    """Fingerprint -> parsed writer schema, for this release and every earlier one."""
+    found = {header(kind)[2:]: parsed(kind)}
+    for release in sorted(HISTORY.glob("*")):
+        path = release / SCHEMA_FILES[kind]
+        if path.is_file():
+            schema = json.loads(path.read_text())
+            found.setdefault(fingerprint(schema), fastavro.parse_schema(schema))
+    return found
+
+
 def encode(kind: str, record: dict[str, Any]) -> bytes:
-    """Avro binary of one record (no container, no framing)."""
+    """One record, single-object encoded."""
     buf = io.BytesIO()
+    buf.write(header(kind))
     fastavro.schemaless_writer(buf, parsed(kind), record)
     return buf.getvalue()
 
@@ -59,9 +96,18 @@ def decode(kind: str, data: bytes | None) -> dict[str, Any]:
     """Decode one record; any malformed input raises DecodeError with the reason."""
     if not data:
         raise DecodeError(f"empty message where a {kind} record was expected")
+    if data[:2] != MAGIC or len(data) < 10:
+        raise DecodeError(f"not a valid Avro {kind}: no single-object encoding header")
+    writer = writers(kind).get(data[2:10])
+    if writer is None:
+        raise DecodeError(
+            f"not a valid Avro {kind}: written with an unknown schema "
+            f"(fingerprint {data[2:10].hex()})"
+        )
     buf = io.BytesIO(data)
+    buf.seek(10)
     try:
-        record = fastavro.schemaless_reader(buf, parsed(kind), None)
+        record = fastavro.schemaless_reader(buf, writer, parsed(kind))
     except Exception as exc:  # fastavro raises many types on garbage input
         raise DecodeError(f"not a valid Avro {kind}: {type(exc).__name__}: {exc}") from None
     if buf.tell() != len(data):

@@ -4,7 +4,6 @@ stays backward compatible with the last release (new readers read old data)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import avro.schema
 import pytest
@@ -12,7 +11,7 @@ from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibi
 
 from streams import codec
 
-PREVIOUS = Path(__file__).parent.parent / "data" / "schemas-0.1.0"
+PREVIOUS = codec.HISTORY / "0.1.0"
 
 
 @pytest.mark.parametrize("kind", sorted(codec.SCHEMA_FILES))
@@ -61,3 +60,44 @@ def test_fastavro_round_trip_and_garbage_rejected() -> None:
         codec.decode("Query", b"")
     with pytest.raises(codec.DecodeError):
         codec.decode("Query", b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff")
+
+
+def test_records_from_an_older_schema_are_read_by_schema_resolution(tmp_path, monkeypatch):
+    # an "earlier release" whose Query had no deadline_ms field
+    old = codec.schema_json("Query")
+    old["fields"] = [f for f in old["fields"] if f["name"] != "deadline_ms"]
+    (tmp_path / "0.0.9").mkdir()
+    (tmp_path / "0.0.9" / "query.avsc").write_text(json.dumps(old))
+    monkeypatch.setattr(codec, "HISTORY", tmp_path)
+    codec.writers.cache_clear()
+    try:
+        import io
+
+        import fastavro
+
+        buf = io.BytesIO()
+        buf.write(codec.MAGIC + codec.fingerprint(old))
+        fastavro.schemaless_writer(
+            buf,
+            fastavro.parse_schema(old),
+            {
+                "query_id": "q",
+                "app": "a",
+                "user": None,
+                "features": [1.0],
+                "raw": None,
+                "text": None,
+                "sent_at_us": 5,
+            },
+        )
+        record = codec.decode("Query", buf.getvalue())
+        assert record["query_id"] == "q" and record["deadline_ms"] is None
+        assert record["sent_at_us"] == 5
+    finally:
+        codec.writers.cache_clear()
+
+
+def test_unknown_writer_schema_is_refused_with_its_fingerprint():
+    data = codec.MAGIC + b"\x01" * 8 + b"\x02q"
+    with pytest.raises(codec.DecodeError, match="unknown schema"):
+        codec.decode("Query", data)
