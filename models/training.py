@@ -35,7 +35,8 @@ def digits_estimators(seed: int = 0) -> dict[str, Any]:
         "digits-forest": RandomForestClassifier(n_estimators=100, n_jobs=1, random_state=seed),
         "digits-knn": KNeighborsClassifier(n_neighbors=3),
         "digits-svc": CalibratedClassifierCV(SVC(random_state=seed), ensemble=False),
-        # deliberately weak: what the bandit should learn to trust least
+        # middling and deliberately weak: what the bandit should learn to trust less
+        "digits-tree": DecisionTreeClassifier(max_depth=5, random_state=seed),
         "digits-weak": DecisionTreeClassifier(max_depth=2, random_state=seed),
     }
 

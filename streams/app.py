@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 from functools import partial
@@ -96,6 +97,9 @@ class Worker:
             value_serializer="raw",
             consumer_auto_offset_reset="earliest",
             broker_commit_interval=0.2,
+            # a crashed worker's partitions move after 10 s, not Faust's default 60 s
+            broker_session_timeout=10.0,
+            broker_heartbeat_interval=1.0,
             web_enabled=False,
             table_standby_replicas=0,
         )
@@ -196,6 +200,9 @@ class Worker:
         """Apply one feedback record to the selection state of its key (a table write)."""
         pipeline = self.pipeline
         raw = RawQuery(message.value, message.key, message.partition, message.offset)
+        if codec.kind_of(message.value, ("SelectionSnapshot",)):
+            self.install_snapshot(codec.decode("SelectionSnapshot", message.value))
+            return
         try:
             fb = codec.decode("Feedback", message.value)
         except codec.DecodeError as exc:
@@ -220,12 +227,21 @@ class Worker:
         if not state.should_apply(message.partition, message.offset):
             metrics.FEEDBACK.labels(fb["app"], "replayed").inc()
             return
-        state.learn(remembered.labels, fb["label"], remembered.probs)
+        state.learn(remembered.labels, fb["label"], remembered.probs, reward=fb["reward"])
         state.mark_applied(message.partition, message.offset)
         self.table[remembered.key] = state.to_state()
         metrics.FEEDBACK.labels(fb["app"], "applied").inc()
         for model, weight in state.weights().items():
             metrics.BANDIT_WEIGHT.labels(remembered.key, model).set(weight)
+
+    def install_snapshot(self, snapshot: dict[str, Any]) -> None:
+        """A replayed state replaces the key's state (a table write, so it is durable)."""
+        state = SelectionState.from_state(json.loads(snapshot["state"]))
+        self.table[snapshot["key"]] = state.to_state()
+        self.states.cache[snapshot["key"]] = state
+        metrics.FEEDBACK.labels(snapshot["app"], "snapshot").inc()
+        for model, weight in state.weights().items():
+            metrics.BANDIT_WEIGHT.labels(snapshot["key"], model).set(weight)
 
     def count_replicas(self) -> None:
         """Live replicas per model, from their consumer groups' members."""

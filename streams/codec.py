@@ -28,6 +28,7 @@ SCHEMA_FILES = {
     "ModelBatchResult": "model_batch_result.avsc",
     "DeadLetter": "dead_letter.avsc",
     "ControlRecord": "control_record.avsc",
+    "SelectionSnapshot": "selection_snapshot.avsc",
 }
 
 
@@ -82,6 +83,16 @@ def writers(kind: str) -> dict[bytes, Any]:
             schema = json.loads(path.read_text())
             found.setdefault(fingerprint(schema), fastavro.parse_schema(schema))
     return found
+
+
+def kind_of(data: bytes | None, kinds: tuple[str, ...]) -> str | None:
+    """Which of ``kinds`` wrote these bytes (from the fingerprint), or None."""
+    if not data or data[:2] != MAGIC:
+        return None
+    for kind in kinds:
+        if data[2:10] in writers(kind):
+            return kind
+    return None
 
 
 def encode(kind: str, record: dict[str, Any]) -> bytes:

@@ -420,6 +420,11 @@ class Pipeline:
     def _emit(self, p: Pending, now: int) -> None:
         p.done = True
         self.pending.pop(p.query_id, None)
+        for model in p.probs:
+            if model not in p.answers:  # a straggler: recorded, and a loss for learning
+                p.answers[model] = Answer(
+                    model, p.versions.get(model, 0), None, None, [], "no answer by the deadline"
+                )
         answered = {m: a for m, a in p.answers.items() if a.error is None and a.label is not None}
         app = self.registry.app(p.app) or {}
         error = None

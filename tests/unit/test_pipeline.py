@@ -100,10 +100,19 @@ def query(qid: str, features: list[float], sent: int | None = None) -> bytes:
     )
 
 
-def answer_batches(pipe: Pipeline, producer: RecordingProducer, label: str = "1") -> int:
-    """Play a replica: answer the batches sent so far with ``label`` (and only those)."""
-    requests = [s for s in producer.sent if s[0].endswith(".requests")]
-    producer.sent = [s for s in producer.sent if not s[0].endswith(".requests")]
+def answer_batches(
+    pipe: Pipeline, producer: RecordingProducer, label: str = "1", only: str | None = None
+) -> int:
+    """Play a replica: answer the batches sent so far (to model ``only``, if given)."""
+
+    def wanted(sent: tuple) -> bool:
+        topic = sent[0]
+        return topic.endswith(".requests") and (
+            only is None or topic == f"clipstream.model.{only}.requests"
+        )
+
+    requests = [s for s in producer.sent if wanted(s)]
+    producer.sent = [s for s in producer.sent if not wanted(s)]
     for _, value, _, _ in requests:
         batch = codec.decode("ModelBatch", value)
         rows = batch["rows"]
@@ -241,3 +250,23 @@ def test_wrong_dimension_gets_error_prediction_and_dead_letter(setup) -> None:
     assert pred["query_id"] == "bad" and "expected 3 features" in pred["error"]
     (letter,) = producer.on(topics.DEADLETTER, "DeadLetter")
     assert letter["query_id"] == "bad"
+
+
+def test_a_straggler_is_recorded_in_the_answers_and_remembered_as_a_loss() -> None:
+    producer = RecordingProducer()
+    pipe = Pipeline(
+        Settings(bootstrap="unused:1"),
+        make_registry("EXP4", ("m1", "m2")),
+        producer,
+        DictStateStore(),
+    )
+    start = now_us()
+    pipe.on_queries([RawQuery(query("q", [1, 2, 3], sent=start), b"app", 0, 0)], start)
+    answer_batches(pipe, producer, only="m1")  # m2 never answers
+    pipe.tick(start + 51_000)
+    (pred,) = producer.on(topics.PREDICTIONS, "Prediction")
+    assert pred["models"] == ["m1@1"] and not pred["default"]
+    by_model = {a["model"]: a for a in pred["answers"]}
+    assert by_model["m2"]["label"] is None and "deadline" in by_model["m2"]["error"]
+    assert by_model["m2"]["prob"] == pytest.approx(0.5)
+    assert pipe.recall("q").labels == {"m1": "1", "m2": None}
