@@ -22,7 +22,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from models.registry import ControlFollower
 from selection import SelectionState
-from streams import codec, metrics, topics
+from streams import codec, intake, metrics, topics
 from streams.config import Settings
 from streams.pipeline import Pipeline, RawQuery, new_state, now_us
 
@@ -114,6 +114,8 @@ class Worker:
         self._wake = asyncio.Event()
         self._closed = threading.Event()
         self._define_agents()
+        if settings.bulk_intake:
+            intake.install(self.app, {topics.QUERIES: self.on_query_messages})
 
     def _define_agents(self) -> None:
         app, s, pipeline = self.app, self.settings, self.pipeline
@@ -123,29 +125,14 @@ class Worker:
 
         @app.agent(queries, name="intake")
         async def intake(stream: Any) -> None:
+            # With the bulk intake (the default) the consumer hands query messages to
+            # on_query_messages directly and this agent only declares the subscription.
             async for events in stream.take_events(s.intake_max, within=s.intake_wait_ms / 1000):
-                consumer = app.consumer
-                raws = []
                 for event in events:
-                    message = event.message
                     # take_events acks the chunk when we return; this extra reference keeps
                     # the offset uncommitted until the query's prediction is delivered.
-                    message.incref()
-                    raws.append(
-                        RawQuery(
-                            message.value,
-                            message.key,
-                            message.partition,
-                            message.offset,
-                            partial(message.ack, consumer),
-                        )
-                    )
-                started = now_us()
-                pipeline.on_queries(raws, started)
-                metrics.STAGE_LATENCY.labels("intake").observe(
-                    (now_us() - started) / 1e6 / len(raws)
-                )
-                self._wake.set()
+                    event.message.incref()
+                self.on_query_messages([event.message for event in events])
 
         @app.agent(responses, name="merge")
         async def merge(stream: Any) -> None:
@@ -195,6 +182,18 @@ class Worker:
         @app.on_partitions_assigned.connect
         async def assigned(app: Any, assigned: Any, **kwargs: Any) -> None:
             self.states.cache.clear()
+
+    def on_query_messages(self, messages: list[Any]) -> None:
+        consumer = self.app.consumer
+        raws = [
+            RawQuery(m.value, m.key, m.partition, m.offset, partial(m.ack, consumer))
+            for m in messages
+        ]
+        started = now_us()
+        self.pipeline.on_queries(raws, started)
+        per_query = (now_us() - started) / 1e6 / len(raws)
+        metrics.STAGE_LATENCY.labels("intake").observe(per_query)
+        self._wake.set()
 
     def on_feedback(self, message: Any) -> None:
         """Apply one feedback record to the selection state of its key (a table write)."""

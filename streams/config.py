@@ -32,6 +32,7 @@ class Settings:
     web_port: int = 6066
     batch_max: int = 256
     batch_wait_ms: float = 2.0
+    bulk_intake: bool = True
     intake_max: int = 1000
     intake_wait_ms: float = 1.0
     cache_size: int = 100_000
