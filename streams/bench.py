@@ -163,10 +163,73 @@ def batching_suite(
     return results
 
 
+def selection_suite(workdir: Path, models: list[str], passes: int = 5) -> dict[str, Any]:
+    """Exp4's accuracy against each single model, and the feedback Exp3 needs to settle,
+    on the digits test stream (the selection code the worker runs, without Kafka: the
+    answers are the models' own, so the figures are the live system's)."""
+    from selection import SelectionState
+
+    trained = train_digits_models(workdir / "models", names=models)
+    from models.files import load_model
+
+    _, X, _, y = digits_split()
+    truth = [str(v) for v in y]
+    outputs = {}
+    for name in models:
+        estimator = load_model(trained[name][0])
+        proba = estimator.predict_proba(X)
+        classes = [str(c) for c in estimator.classes_]
+        outputs[name] = (proba, classes, [classes[i] for i in proba.argmax(axis=1)])
+    single = {
+        m: sum(a == t for a, t in zip(outputs[m][2], truth, strict=True)) / len(truth)
+        for m in models
+    }
+    rng = np.random.default_rng(0)
+    exp4 = SelectionState.new("EXP4", models, eta=0.2)
+    exp3 = SelectionState.new("EXP3", models, eta=0.1, gamma=0.05)
+    best = max(single, key=single.get)
+    correct4 = correct3 = 0
+    settled_after = None
+    order = np.concatenate([rng.permutation(len(truth)) for _ in range(passes)])
+    for n, i in enumerate(order, start=1):
+        merged = exp4.combine(
+            {m: (outputs[m][2][i], outputs[m][0][i], outputs[m][1]) for m in models}
+        )
+        correct4 += n <= len(truth) and merged.label == truth[i]
+        exp4.learn({m: outputs[m][2][i] for m in models}, truth[i])
+        [(arm, prob)] = exp3.choose(rng)
+        chosen = models[arm]
+        correct3 += n <= len(truth) and outputs[chosen][2][i] == truth[i]
+        exp3.learn({chosen: outputs[chosen][2][i]}, truth[i], {chosen: prob})
+        if settled_after is None and exp3.weights()[best] > 0.8:
+            settled_after = n
+    return {
+        "models": models,
+        "single_accuracy": single,
+        "exp4_accuracy_first_pass": correct4 / len(truth),
+        "exp3_accuracy_first_pass": correct3 / len(truth),
+        "exp4_weights": exp4.weights(),
+        "exp3_probabilities": exp3.weights(),
+        "exp3_feedback_to_settle": settled_after,
+        "best": best,
+    }
+
+
 def run_bench(suite: str, models: list[str], rows: int, queries: int, out: Path | None) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="clipstream-bench-"))
+    if suite == "selection":
+        figures = selection_suite(workdir, models)
+        console.print(figures)
+        if out is not None:
+            out.write_text(json.dumps({"suite": suite, **figures}, indent=2))
+        print(
+            f"bench: suite=selection exp4_accuracy={figures['exp4_accuracy_first_pass']:.3f} "
+            + " ".join(f"{m}={a:.3f}" for m, a in figures["single_accuracy"].items())
+            + f" exp3_feedback_to_settle={figures['exp3_feedback_to_settle']}"
+        )
+        return 0
     if suite != "batching":
         raise ValueError(f"unknown suite {suite!r}")
-    workdir = Path(tempfile.mkdtemp(prefix="clipstream-bench-"))
     with kafka(Settings.from_env(), workdir) as settings:
         results = batching_suite(settings, workdir, models, rows, queries)
     table = Table(

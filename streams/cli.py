@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,12 @@ def settings_for(**overrides: Any) -> Settings:
         if state is not None:
             settings.bootstrap = state["bootstrap"]
     return settings
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so the finally-blocks that stop child processes and
+    the embedded broker run (Python's default SIGTERM ends the process without them)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def fail(message: str) -> None:
@@ -311,6 +318,7 @@ def demo(rate: float, replicas: int, workdir: Path | None) -> None:
     """Train digits models, serve them, stream the test set with feedback, summarise."""
     from streams.demo import run_demo
 
+    exit_on_sigterm()
     sys.exit(run_demo(rate=rate, replicas=replicas, workdir=workdir))
 
 
@@ -319,8 +327,8 @@ def demo(rate: float, replicas: int, workdir: Path | None) -> None:
     "--suite",
     default="batching",
     show_default=True,
-    type=click.Choice(["batching"]),
-    help="what to measure",
+    type=click.Choice(["batching", "selection"]),
+    help="batching: adaptive vs batch size 1 (needs Kafka); selection: Exp3/Exp4 on digits",
 )
 @click.option("--models", default="digits-logreg,digits-forest", show_default=True)
 @click.option(
@@ -343,6 +351,7 @@ def bench(suite: str, models: str, rows: int, queries: int, out: Path | None) ->
     """Measure side by side in one run (starts the embedded broker if none is configured)."""
     from streams.bench import run_bench
 
+    exit_on_sigterm()
     sys.exit(run_bench(suite, [m for m in models.split(",") if m], rows, queries, out))
 
 
