@@ -22,7 +22,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from models.registry import ControlFollower
 from selection import SelectionState
-from streams import codec, intake, metrics, topics
+from streams import codec, gateway, intake, metrics, topics
 from streams.config import Settings
 from streams.pipeline import Pipeline, RawQuery, new_state, now_us
 
@@ -100,7 +100,9 @@ class Worker:
             # a crashed worker's partitions move after 10 s, not Faust's default 60 s
             broker_session_timeout=10.0,
             broker_heartbeat_interval=1.0,
-            web_enabled=False,
+            # the REST gateway (streams/gateway.py) is served by Faust's aiohttp web server
+            web_enabled=True,
+            web_port=gateway.free_port(settings.web_port),
             table_standby_replicas=0,
         )
         self.table = self.app.Table(
@@ -116,6 +118,8 @@ class Worker:
         self._define_agents()
         if settings.bulk_intake:
             intake.install(self.app, {topics.QUERIES: self.on_query_messages})
+        self.gateway = gateway.Gateway(settings, self.follower.registry)
+        gateway.mount(self.app, self.gateway)
 
     def _define_agents(self) -> None:
         app, s, pipeline = self.app, self.settings, self.pipeline
@@ -268,6 +272,7 @@ class Worker:
 
     def close(self) -> None:
         self._closed.set()
+        self.gateway.close()
         self.producer.flush(10)
         self.follower.close()
 
@@ -279,6 +284,7 @@ def run_worker(settings: Settings, loglevel: str = "warn") -> None:
     port = metrics.serve(settings.metrics_port)
     log.warning("metrics on :%d", port)
     worker = Worker(settings)
+    log.warning("REST gateway on :%d", worker.app.conf.web_port)
     worker.start_background()
     try:
         FaustWorker(worker.app, loglevel=loglevel, quiet=True).execute_from_commandline()

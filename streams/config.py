@@ -29,7 +29,7 @@ class Settings:
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     metrics_port: int = 0
-    web_port: int = 6066
+    web_port: int = 0
     batch_max: int = 256
     batch_wait_ms: float = 2.0
     bulk_intake: bool = True
@@ -39,6 +39,8 @@ class Settings:
     answer_memory: int = 200_000
     answer_ttl_s: float = 3600.0
     trust_pickle: bool = False
+    gateway_margin_ms: float = 500.0
+    metrics_urls: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
