@@ -46,6 +46,11 @@ TIMEOUTS = Counter(
 )
 
 
+#: the JSON fields each body may carry (docs/openapi.yaml's request schemas list the same)
+PREDICT_FIELDS = ("features", "user", "deadline_ms", "query_id", "text")
+FEEDBACK_FIELDS = ("query_id", "label", "reward", "user")
+
+
 class BadRequest(ValueError):
     """The request body cannot become a query or feedback record (HTTP 400)."""
 
@@ -54,7 +59,7 @@ def parse_predict(body: Any, app: dict[str, Any]) -> dict[str, Any]:
     """Validate a predict body; returns keyword arguments for ``Client.send_query``."""
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
-    unknown = set(body) - {"features", "user", "deadline_ms", "query_id", "text"}
+    unknown = set(body) - set(PREDICT_FIELDS)
     if unknown:
         raise BadRequest(f"unknown fields: {sorted(unknown)}")
     features = body.get("features")
@@ -86,7 +91,7 @@ def parse_feedback(body: Any) -> dict[str, Any]:
     """Validate a feedback body; returns keyword arguments for ``Client.send_feedback``."""
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
-    unknown = set(body) - {"query_id", "label", "reward", "user"}
+    unknown = set(body) - set(FEEDBACK_FIELDS)
     if unknown:
         raise BadRequest(f"unknown fields: {sorted(unknown)}")
     qid = body.get("query_id")
