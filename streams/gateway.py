@@ -267,7 +267,7 @@ def mount(faust_app: Any, gateway: Gateway) -> None:
         faust_app.page(path, name=f"gateway_{route}")(view(route, operations[route]))
 
 
-def free_port(port: int) -> int:
+def free_port(port: int = 0) -> int:
     """``port`` itself, or for 0 a port that is free now (Faust must be told a number)."""
     if port:
         return port
