@@ -14,7 +14,9 @@ Three sources, each the authority for its part:
 from __future__ import annotations
 
 import math
+import socket
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from collections import defaultdict
@@ -57,11 +59,26 @@ def scrape(url: str, timeout: float = 5.0) -> Samples:
     return samples
 
 
+def expand(url: str) -> list[str]:
+    """A host name with several addresses (a scaled compose service) is every one of them,
+    as Prometheus' DNS service discovery sees it."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        infos = socket.getaddrinfo(parts.hostname or "", parts.port, socket.AF_INET)
+    except OSError:
+        return [url]  # unresolvable: scraping it reports the error
+    addresses = sorted({info[4][0] for info in infos})
+    if len(addresses) < 2:
+        return [url]
+    netloc = "{}" + (f":{parts.port}" if parts.port else "")
+    return [urllib.parse.urlunsplit(parts._replace(netloc=netloc.format(a))) for a in addresses]
+
+
 def scrape_all(urls: list[str]) -> tuple[Samples, list[dict[str, Any]]]:
     """Samples summed over processes, and which processes answered."""
     total: Samples = defaultdict(float)
     seen = []
-    for url in urls:
+    for url in (one for named in urls for one in expand(named)):
         try:
             one = scrape(url)
         except Exception as exc:  # a dead process is reported, not fatal
