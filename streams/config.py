@@ -30,6 +30,8 @@ class Settings:
     ssl_keyfile: str | None = None
     metrics_port: int = 0
     web_port: int = 0
+    gateway_margin_ms: float = 500.0
+    metrics_urls: str = ""
     batch_max: int = 256
     batch_wait_ms: float = 2.0
     bulk_intake: bool = True
@@ -39,8 +41,6 @@ class Settings:
     answer_memory: int = 200_000
     answer_ttl_s: float = 3600.0
     trust_pickle: bool = False
-    gateway_margin_ms: float = 500.0
-    metrics_urls: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
