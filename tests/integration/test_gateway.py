@@ -75,37 +75,59 @@ def test_gateway_answers_with_the_default_when_no_prediction_comes(deployed: Set
 
 
 @pytest.fixture(scope="module")
-def gateway_url(deployed: Settings, tmp_path_factory: pytest.TempPathFactory):
-    port = free_port()
+def gateway_urls(deployed: Settings, tmp_path_factory: pytest.TempPathFactory):
+    """Two workers (so a REST call often reaches one that does not own its query's
+    partition) and one replica; yields each worker's gateway URL once all serve."""
     env = {
         "KAFKA_BOOTSTRAP_SERVERS": deployed.require_bootstrap(),
         "CLIPSTREAM_PARTITIONS": str(deployed.partitions),
-        "CLIPSTREAM_WEB_PORT": str(port),
     }
     logs: Path = tmp_path_factory.mktemp("gateway-logs")
+    ports = [free_port(), free_port()]
     children = [
-        spawn("worker", clipstream_command("worker"), logs, env),
-        spawn("replica", clipstream_command("replica", "--model", MODEL), logs, env),
+        spawn(f"worker-{i}", clipstream_command("worker", "--web-port", str(p)), logs, env)
+        for i, p in enumerate(ports)
     ]
+    children.append(spawn("replica", clipstream_command("replica", "--model", MODEL), logs, env))
     try:
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        for url in urls:
+
+            def listening(url: str = url) -> int:
+                try:
+                    return http("POST", f"{url}/apps/{APP}/predict", {"features": [0.0] * 64})[0]
+                except OSError:  # the web server starts once the worker's tables are recovered
+                    return 0
+
+            wait_for(listening, 120, f"the REST gateway at {url} to listen")
         _, X_test, _, _ = digits_split()
         wait_until_serving(Client(deployed), PredictionReader(deployed), APP, X_test[0].tolist())
-        url = f"http://127.0.0.1:{port}"
-
-        def listening() -> int:
-            try:
-                return http("POST", f"{url}/apps/{APP}/predict", {"features": [0.0] * 64})[0]
-            except OSError:  # the web server starts once the worker's tables are recovered
-                return 0
-
-        wait_for(listening, 90, "the REST gateway to listen")
-        yield url
+        yield urls
     finally:
         for child in children:
             child.stop()
         if any(c.proc.returncode not in (0, -9, -15) for c in children):
             for c in children:
                 print(f"--- {c.name} (exit {c.proc.returncode}) ---\n{c.log_tail(60)}")
+
+
+@pytest.fixture(scope="module")
+def gateway_url(gateway_urls: list[str]) -> str:
+    return gateway_urls[0]
+
+
+def test_any_worker_answers_any_query(gateway_urls: list[str]) -> None:
+    _, X_test, _, y_test = digits_split()
+    answers = []
+    for i in range(24):
+        # users spread the keys over all partitions; the two workers own two each
+        body = {"features": X_test[i].tolist(), "user": f"user-{i}"}
+        status, prediction = http("POST", f"{gateway_urls[i % 2]}/apps/{APP}/predict", body)
+        assert status == 200, prediction
+        answers.append((prediction, str(y_test[i]), f"user-{i}"))
+    assert all(not p["default"] and p["models"] == [f"{MODEL}@1"] for p, _, _ in answers)
+    assert all(p["user"] == user for p, _, user in answers)  # each got its own query's answer
+    assert sum(p["label"] == y for p, y, _ in answers) >= 21
 
 
 def test_predict_over_rest_is_the_prediction_kafka_readers_see(
