@@ -22,8 +22,9 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from models.registry import ControlFollower
 from selection import SelectionState
-from streams import codec, gateway, intake, metrics, topics
+from streams import codec, intake, metrics, topics
 from streams.config import Settings
+from streams.gateway import Gateway, free_port, mount
 from streams.pipeline import Pipeline, RawQuery, new_state, now_us
 
 log = logging.getLogger("clipstream.worker")
@@ -102,7 +103,7 @@ class Worker:
             broker_heartbeat_interval=1.0,
             # the REST gateway (streams/gateway.py) is served by Faust's aiohttp web server
             web_enabled=True,
-            web_port=gateway.free_port(settings.web_port),
+            web_port=free_port(settings.web_port),
             table_standby_replicas=0,
         )
         self.table = self.app.Table(
@@ -118,8 +119,8 @@ class Worker:
         self._define_agents()
         if settings.bulk_intake:
             intake.install(self.app, {topics.QUERIES: self.on_query_messages})
-        self.gateway = gateway.Gateway(settings, self.follower.registry)
-        gateway.mount(self.app, self.gateway)
+        self.gateway = Gateway(settings, self.follower.registry)
+        mount(self.app, self.gateway)
 
     def _define_agents(self) -> None:
         app, s, pipeline = self.app, self.settings, self.pipeline
