@@ -84,6 +84,7 @@ def test_every_dashboard_metric_is_exported_by_the_processes(
     raw.produce(topics.QUERIES, b"\x00garbage", b"garbage")  # a dead letter
     raw.flush(10)
     got = collect(reader, {*qids, lonely}, timeout=60)
+    reader.close()
     assert got[lonely][0]["default"] is True
     for qid, label in qids.items():
         client.send_feedback(qid, APP, label=label)

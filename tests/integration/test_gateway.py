@@ -101,7 +101,11 @@ def gateway_urls(deployed: Settings, tmp_path_factory: pytest.TempPathFactory):
 
             wait_for(listening, 120, f"the REST gateway at {url} to listen")
         _, X_test, _, _ = digits_split()
-        wait_until_serving(Client(deployed), PredictionReader(deployed), APP, X_test[0].tolist())
+        reader = PredictionReader(deployed)
+        try:
+            wait_until_serving(Client(deployed), reader, APP, X_test[0].tolist())
+        finally:
+            reader.close()
         yield urls
     finally:
         for child in children:
@@ -147,6 +151,7 @@ def test_predict_over_rest_is_the_prediction_kafka_readers_see(
     assert accuracy >= 0.9, accuracy  # answering another query's prediction would fail this
     # the same predictions went to the topic, once each
     on_topic = collect(reader, set(answers), timeout=30)
+    reader.close()
     assert set(on_topic) == set(answers)
     for qid, records in on_topic.items():
         assert len(records) == 1

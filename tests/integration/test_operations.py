@@ -31,6 +31,7 @@ def walkthrough() -> str:
     return "".join(blocks)
 
 
+@pytest.mark.timeout(600)  # a dozen CLI processes on a shared 2-core machine
 def test_the_operations_walkthrough_runs_as_written(
     kafka_settings: Settings, tmp_path: Path
 ) -> None:
@@ -59,7 +60,7 @@ def test_the_operations_walkthrough_runs_as_written(
             start_new_session=True,  # the background processes it starts share its group
         )
     try:
-        run.wait(timeout=240)
+        run.wait(timeout=480)
         out = log.read_text(errors="replace")
         assert run.returncode == 0, out
         predictions = [json.loads(line) for line in out.splitlines() if line.startswith('{"')]
@@ -91,7 +92,7 @@ def test_the_operations_walkthrough_runs_as_written(
             weights = app["weights"].get("digits", {})
             return app if set(weights) == {"digits-logreg", "digits-forest"} else None
 
-        app = wait_for(learned, 60, "status to show the weights the feedback updated", 1.0)
+        app = wait_for(learned, 120, "status to show the weights the feedback updated", 1.0)
         assert sum(app["weights"]["digits"].values()) == pytest.approx(1.0)
         assert app["predictions"] >= 3 and app["p50_ms"] is not None
     finally:

@@ -63,6 +63,7 @@ def test_status_shows_registry_replicas_lag_batches_cache_latency_and_weights(
     repeat = client.send_query(APP, X_test[0].tolist())  # a cache hit for both models
     client.flush()
     got = collect(reader, {*sent, repeat}, timeout=60)
+    reader.close()
     assert set(got) == {*sent, repeat}
     for qid, label in sent.items():
         client.send_feedback(qid, APP, label=label)
