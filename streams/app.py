@@ -104,6 +104,11 @@ class Worker:
             # the REST gateway (streams/gateway.py) is served by Faust's aiohttp web server
             web_enabled=True,
             web_port=free_port(settings.web_port),
+            # only the gateway: Faust's own pages would expose table contents and stats
+            web_tables_enabled=False,
+            web_router_enabled=False,
+            web_graph_enabled=False,
+            web_stats_enabled=False,
             table_standby_replicas=0,
         )
         self.table = self.app.Table(

@@ -208,6 +208,19 @@ def test_bad_requests_get_a_clear_reason(
     assert reason in answer["error"]
 
 
+def test_the_gateway_is_the_only_web_surface(gateway_url: str) -> None:
+    # Faust's own pages (table contents, stats, router) are switched off; its "/" is a
+    # bare health check
+    assert http("GET", gateway_url + "/") == (200, {"status": "OK"})
+    for path in ("/table/selection/", "/router/", "/graph/", "/stats/"):
+        try:
+            with urllib.request.urlopen(gateway_url + path, timeout=30) as response:
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        assert status == 404, path
+
+
 def test_a_query_nobody_serves_gets_the_default_over_rest(gateway_url: str) -> None:
     status, body = http("POST", f"{gateway_url}/apps/{LONELY}/predict", {"features": [0.0] * 64})
     assert status == 200
