@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ def walkthrough() -> str:
 
 
 @pytest.mark.timeout(600)  # a dozen CLI processes on a shared 2-core machine
+@pytest.mark.skipif(not shutil.which("curl"), reason="the walk-through uses curl")
 def test_the_operations_walkthrough_runs_as_written(
     kafka_settings: Settings, tmp_path: Path
 ) -> None:
