@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
 from streams.config import Settings
 from streams.kafka_util import consume_ready
@@ -59,6 +59,7 @@ class LoadResult:
     sent: int
     received: int
     throughput_qps: float
+    received_qps: float
     p50_ms: float
     p90_ms: float
     p99_ms: float
@@ -103,7 +104,7 @@ class _Receiver(threading.Thread):
         assignment = []
         for p in parts:
             # from the current end: only answers to this run are read
-            _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+            high = _end_offset(self.consumer, TopicPartition(topic, p))
             assignment.append(TopicPartition(topic, p, high))
         self.consumer.assign(assignment)
         self.received: dict[str, tuple[int, Reply]] = {}
@@ -131,6 +132,18 @@ class _Receiver(threading.Thread):
         self.stopping.set()
         self.join(10)
         self.consumer.close()
+
+
+def _end_offset(consumer: Consumer, tp: TopicPartition, timeout: float = 30.0) -> int:
+    """The partition's end offset; a topic created a moment ago may not have a leader yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return consumer.get_watermark_offsets(tp, timeout=timeout)[1]
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def schedule(rate: float, n: int, arrivals: str, seed: int = 0) -> np.ndarray:
@@ -234,7 +247,9 @@ def run_load(
         duration_s=round(window_s, 3),
         sent=len(measured),
         received=len(got),
-        throughput_qps=len(got) / window_s,
+        # answered by a model: default outputs and errors are counted, not credited
+        throughput_qps=sum(r.error is None and not r.default for r in replies) / window_s,
+        received_qps=len(got) / window_s,
         p50_ms=pct[0],
         p90_ms=pct[1],
         p99_ms=pct[2],
