@@ -7,6 +7,7 @@ capacity (queries answered per second while the system is saturated), and with
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -206,7 +207,10 @@ def run_compare(
     try:
         for name in plan.systems:
             try:
+                load_before = os.getloadavg()[0]
                 results[name] = measure(name, ctx, X, plan, progress)
+                # the machine may be shared: each system's figures say how busy it was
+                results[name]["loadavg_1m"] = [load_before, os.getloadavg()[0]]
             except PeerUnavailable as exc:
                 skipped[name] = str(exc)
                 note(f"{name} skipped: {exc}")
@@ -223,6 +227,7 @@ def run_compare(
         "model": plan.model,
         "input_dim": dim,
         "model_compute_us_one_row": model_compute_us(estimator, X),
+        "cpus": os.cpu_count(),
         "plan": plan.__dict__,
         "systems": results,
         "skipped": skipped,

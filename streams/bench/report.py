@@ -42,7 +42,9 @@ def table(figures: dict[str, Any]) -> Table:
         "lost",
         "defaults",
         "errors",
-        title=f"model {figures['model']} ({figures['input_dim']} features)",
+        "load 1m",
+        title=f"model {figures['model']} ({figures['input_dim']} features), "
+        f"{figures.get('cpus')} CPUs",
     )
     for name, f in figures["systems"].items():
         light, cap = f["light"], f["capacity"]
@@ -57,6 +59,7 @@ def table(figures: dict[str, Any]) -> Table:
             str(light.lost + cap.lost),
             str(light.defaults + cap.defaults),
             str(light.errors + cap.errors),
+            "/".join(f"{x:.1f}" for x in f.get("loadavg_1m", [])),
         )
     return t
 
