@@ -19,17 +19,20 @@ def plot(figures: dict[str, Any], path: Path) -> Path:
         raise RuntimeError("plotting needs matplotlib: pip install 'clipstream[bench]'") from exc
 
     fig, (cdf, tput) = plt.subplots(1, 2, figsize=(13, 5))
-    for name, f in figures["systems"].items():
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, f) in enumerate(figures["systems"].items()):
+        colour = colours[i % len(colours)]  # one colour per system in both panels
         for phase, style in (("light", "-"), ("capacity", ":")):
             lat = np.sort(np.asarray(f[phase].latencies_ms))
             if len(lat):
                 label = f"{name} ({'light' if phase == 'light' else 'burst'})"
-                cdf.plot(lat, np.arange(1, len(lat) + 1) / len(lat), style, label=label)
+                y = np.arange(1, len(lat) + 1) / len(lat)
+                cdf.plot(lat, y, style, color=colour, label=label)
         points = f.get("sweep") or [f["light"]]
         offered = [p.rate for p in points]
         done = [p.throughput_qps for p in points]
-        (line,) = tput.plot(offered, done, "o-", label=name)
-        tput.axhline(f["capacity"].throughput_qps, color=line.get_color(), ls=":", lw=1)
+        tput.plot(offered, done, "o-", color=colour, label=name)
+        tput.axhline(f["capacity"].throughput_qps, color=colour, ls=":", lw=1)
     cdf.set_xscale("log")
     cdf.set_xlabel("end-to-end latency at the client (ms)")
     cdf.set_ylabel("fraction of queries")
