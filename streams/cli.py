@@ -353,6 +353,13 @@ def demo(rate: float, replicas: int, workdir: Path | None) -> None:
 @click.option(
     "--arrivals", type=click.Choice(["constant", "poisson"]), default="constant", show_default=True
 )
+@click.option(
+    "--broker-warmup",
+    type=float,
+    default=8.0,
+    show_default=True,
+    help="seconds of unmeasured load before the first system",
+)
 @click.option("--sweep", is_flag=True, help="also find each system's highest rate with p99<=SLO")
 @click.option("--slo-ms", type=float, default=50.0, show_default=True, help="p99 objective")
 @click.option(
@@ -388,6 +395,7 @@ def bench(
     warmup: float,
     burst: int,
     arrivals: str,
+    broker_warmup: float,
     sweep: bool,
     slo_ms: float,
     plot_path: Path | None,
@@ -411,6 +419,7 @@ def bench(
         arrivals=arrivals,
         sweep=sweep,
         slo_ms=slo_ms,
+        warm_broker_s=broker_warmup,
     )
     sys.exit(
         run_bench(
