@@ -362,6 +362,7 @@ def demo(rate: float, replicas: int, workdir: Path | None) -> None:
 )
 @click.option("--sweep", is_flag=True, help="also find each system's highest rate with p99<=SLO")
 @click.option("--slo-ms", type=float, default=50.0, show_default=True, help="p99 objective")
+@click.option("--sweep-start", type=float, default=250.0, show_default=True, help="first rate")
 @click.option(
     "--plot",
     "plot_path",
@@ -398,6 +399,7 @@ def bench(
     broker_warmup: float,
     sweep: bool,
     slo_ms: float,
+    sweep_start: float,
     plot_path: Path | None,
     models: str,
     rows: int,
@@ -419,6 +421,7 @@ def bench(
         arrivals=arrivals,
         sweep=sweep,
         slo_ms=slo_ms,
+        sweep_start=sweep_start,
         warm_broker_s=broker_warmup,
     )
     sys.exit(
