@@ -243,10 +243,19 @@ def run_compare(
     finally:
         for children in ctx.children.values():
             _stop(children)
+    compute_us = model_compute_us(estimator, X)
+    targets: dict[str, Any] = {}
+    if "clipstream" in results and "floor" in results:
+        # the latency target: light-load p50 within 1.5x of the floor plus the
+        # model's own compute time
+        limit = 1.5 * (results["floor"]["light"].p50_ms + compute_us / 1000)
+        targets["p50_limit_ms"] = limit
+        targets["p50_within_limit"] = results["clipstream"]["light"].p50_ms <= limit
     return {
         "model": plan.model,
         "input_dim": dim,
-        "model_compute_us_one_row": model_compute_us(estimator, X),
+        "model_compute_us_one_row": compute_us,
+        "targets": targets,
         "cpus": os.cpu_count(),
         "plan": plan.__dict__,
         "systems": results,
