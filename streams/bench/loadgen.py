@@ -36,6 +36,9 @@ class Reply:
     default: bool = False
     error: str | None = None
     cache_hit: bool = False
+    #: where the time went, from the record's own stamps (us): client to worker intake,
+    #: inside the worker (batching, replica round trip, merge), worker emit to receipt
+    stages_us: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -73,6 +76,7 @@ class LoadResult:
     lost: int
     duplicates: int
     cache_hits: int
+    stages_p50_us: dict[str, float] = field(default_factory=dict)
     histogram: dict[str, list[float]] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list, repr=False)
 
@@ -132,6 +136,14 @@ class _Receiver(threading.Thread):
         self.stopping.set()
         self.join(10)
         self.consumer.close()
+
+
+def _stage_medians(replies: list[Reply]) -> dict[str, float]:
+    stamped = np.array([r.stages_us for r in replies if r.stages_us is not None], dtype=float)
+    if not len(stamped):
+        return {}
+    names = ("client_to_worker", "in_worker", "worker_to_client")
+    return {n: float(v) for n, v in zip(names, np.median(stamped, axis=0), strict=True)}
 
 
 def _end_offset(consumer: Consumer, tp: TopicPartition, timeout: float = 30.0) -> int:
@@ -263,6 +275,7 @@ def run_load(
         lost=len(measured) - len(got),
         duplicates=receiver.duplicates,
         cache_hits=sum(r.cache_hit for r in replies),
+        stages_p50_us=_stage_medians(replies),
         histogram={"edges_ms": HIST_EDGES_MS.tolist(), "counts": counts.tolist()},
         latencies_ms=lat.tolist(),
     )

@@ -7,6 +7,7 @@ same load generator; only the topics and (for the peer) the message format diffe
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,10 +83,19 @@ def avro_protocol(queries_topic: str, predictions_topic: str, app: str) -> Proto
         return key, codec.encode("Query", record), None
 
     def decode(msg: Message) -> Reply | None:
+        received = time.time_ns() // 1000
         p = codec.decode("Prediction", msg.value())
         if p["app"] != app:
             return None
-        return Reply(p["query_id"], p["default"], p["error"], p["cache_hit"])
+        stages = None
+        if p["emitted_at_us"] and p["sent_at_us"]:
+            intake = p["emitted_at_us"] - p["worker_us"]
+            stages = (
+                intake - p["sent_at_us"],
+                p["worker_us"],
+                received - p["emitted_at_us"],
+            )
+        return Reply(p["query_id"], p["default"], p["error"], p["cache_hit"], stages)
 
     return Protocol(queries_topic, predictions_topic, encode, decode)
 
