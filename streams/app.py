@@ -22,7 +22,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from models.registry import ControlFollower
 from selection import SelectionState
-from streams import codec, intake, metrics, topics
+from streams import codec, dedup, intake, metrics, topics
 from streams.config import Settings
 from streams.pipeline import Pipeline, RawQuery, new_state, now_us
 
@@ -112,6 +112,12 @@ class Worker:
         self.states = TableStateStore(self.table)
         self.pipeline = Pipeline(settings, self.follower.registry, self.producer, self.states)
         self._wake = asyncio.Event()
+        # streams.dedup: query partitions whose answered ids are restored, and query batches
+        # held while a restore runs
+        self._restored: set[int] = set()
+        self._serving = asyncio.Event()
+        self._serving.set()
+        self._held: list[Any] = []
         self._closed = threading.Event()
         self._define_agents()
         if settings.bulk_intake:
@@ -119,11 +125,12 @@ class Worker:
 
     def _define_agents(self) -> None:
         app, s, pipeline = self.app, self.settings, self.pipeline
-        queries = app.topic(topics.QUERIES, partitions=s.partitions)
+        queries = topics.QUERIES
+        queries_topic = app.topic(queries, partitions=s.partitions)
         responses = app.topic(topics.RESPONSES, partitions=s.partitions)
         feedback = app.topic(topics.FEEDBACK, partitions=s.partitions)
 
-        @app.agent(queries, name="intake")
+        @app.agent(queries_topic, name="intake")
         async def intake(stream: Any) -> None:
             # With the bulk intake (the default) the consumer hands query messages to
             # on_query_messages directly and this agent only declares the subscription.
@@ -154,6 +161,7 @@ class Worker:
         async def learn(stream: Any) -> None:
             async for event in stream.events():
                 message = event.message
+                await self._serving.wait()  # answers are being restored (streams.dedup)
                 try:
                     self.on_feedback(message)
                 except Exception as exc:  # nor a bad feedback record the feedback agent
@@ -182,8 +190,44 @@ class Worker:
         @app.on_partitions_assigned.connect
         async def assigned(app: Any, assigned: Any, **kwargs: Any) -> None:
             self.states.cache.clear()
+            if s.dedup:
+                await self.restore({tp.partition for tp in assigned if tp.topic == queries})
+
+    async def restore(self, partitions: set[int]) -> None:
+        """Before serving newly assigned query partitions, learn which of their queries were
+        answered (and with what) from the predictions topic (streams.dedup). Partitions kept
+        through a rebalance need nothing: this worker produced their predictions."""
+        new = partitions - self._restored
+        self._restored = set(partitions)
+        if not new:
+            return
+        self._serving.clear()
+        try:
+            found, done = await asyncio.to_thread(
+                dedup.read_answered, self.settings, new, self.app.conf.id
+            )
+            for qid, remembered in found:
+                self.pipeline.restore(qid, remembered)
+            log.warning(
+                "restored %d answered queries of partitions %s in %.2f s",
+                done.predictions,
+                sorted(new),
+                done.seconds,
+            )
+        except Exception:
+            # serving on is better than stopping; a redelivered query may then be answered
+            # twice, which the SDK's reader still removes
+            log.exception("restoring answered queries of %s failed", sorted(new))
+        finally:
+            self._serving.set()
+            held, self._held = self._held, []
+            if held:
+                self.on_query_messages(held)
 
     def on_query_messages(self, messages: list[Any]) -> None:
+        if not self._serving.is_set():
+            self._held.extend(messages)
+            return
         consumer = self.app.consumer
         raws = [
             RawQuery(m.value, m.key, m.partition, m.offset, partial(m.ack, consumer))
