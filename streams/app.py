@@ -102,6 +102,11 @@ class Worker:
             broker_heartbeat_interval=1.0,
             web_enabled=False,
             table_standby_replicas=0,
+            # With streams.dedup a revoked partition's pending queries are dropped, not
+            # awaited: their answers could not arrive while the revocation waits (flow is
+            # stopped), so waiting would answer all of them with defaults at their deadline;
+            # the partition's next owner answers them instead.
+            stream_wait_empty=not settings.dedup,
         )
         self.table = self.app.Table(
             TABLE,
@@ -186,12 +191,30 @@ class Worker:
         @app.on_partitions_revoked.connect
         async def revoked(app: Any, revoked: Any, **kwargs: Any) -> None:
             self.states.cache.clear()
+            if s.dedup:
+                self.let_go({tp.partition for tp in revoked if tp.topic == queries})
+
+        @app.on_before_shutdown.connect
+        async def shutting_down(app: Any, **kwargs: Any) -> None:
+            if s.dedup:
+                self.let_go(set(range(s.partitions)))
 
         @app.on_partitions_assigned.connect
         async def assigned(app: Any, assigned: Any, **kwargs: Any) -> None:
             self.states.cache.clear()
             if s.dedup:
                 await self.restore({tp.partition for tp in assigned if tp.topic == queries})
+
+    def let_go(self, partitions: set[int]) -> None:
+        """Query partitions this worker no longer serves: drop their unanswered queries
+        (unacknowledged, so the next owner reads and answers them) and deliver every
+        prediction already produced, so that the next owner's restore finds it."""
+        self._held = [m for m in self._held if m.partition not in partitions]
+        dropped = self.pipeline.drop_partitions(partitions)
+        left = self.producer.flush(30)
+        log.info("let go of %s: %d pending queries dropped", sorted(partitions), dropped)
+        if left:
+            log.error("%d predictions not delivered before letting go of partitions", left)
 
     async def restore(self, partitions: set[int]) -> None:
         """Before serving newly assigned query partitions, learn which of their queries were

@@ -563,6 +563,14 @@ class Pipeline:
         if len(self.memory) > self.settings.answer_memory:
             self.memory.popitem(last=False)
 
+    def drop_partitions(self, partitions: set[int]) -> int:
+        """Forget the unanswered queries of these partitions without acknowledging them (the
+        partitions' next owner reads them again); their late answers are ignored."""
+        gone = [qid for qid, p in self.pending.items() if p.partition in partitions]
+        for qid in gone:
+            del self.pending[qid]
+        return len(gone)
+
     def restore(self, qid: str, remembered: Remembered | None) -> None:
         """A prediction found on the predictions topic: never emit ``qid`` again, and keep
         its answers for its feedback (see streams.dedup)."""
