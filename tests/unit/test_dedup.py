@@ -1,0 +1,123 @@
+"""De-duplication across workers without Kafka: what a prediction record restores, and how
+the pipeline treats restored, redelivered and let-go queries (streams/dedup.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from streams import codec, topics
+from streams.config import Settings
+from streams.dedup import remembered_from
+from streams.pipeline import DictStateStore, Pipeline, RawQuery
+from tests.unit.test_pipeline import RecordingProducer, answer_batches, make_registry, query
+
+
+def pipeline(models: tuple[str, ...] = ("m1",), policy: str = "SINGLE") -> Pipeline:
+    return Pipeline(
+        Settings(bootstrap="unused:1"),
+        make_registry(policy, models),
+        RecordingProducer(),
+        DictStateStore(),
+        rng=np.random.default_rng(0),
+    )
+
+
+def answered(pipe: Pipeline, qid: str, partition: int) -> dict:
+    producer = pipe.producer
+    assert isinstance(producer, RecordingProducer)
+    pipe.on_queries([RawQuery(query(qid, [1.0, 2.0, 3.0]), b"app", partition, 0)])
+    answer_batches(pipe, producer)
+    (record,) = [
+        (value, kw) for topic, value, _, kw in producer.sent if topic == topics.PREDICTIONS
+    ]
+    return {"record": codec.decode("Prediction", record[0]), "kw": record[1]}
+
+
+def test_prediction_goes_to_its_query_partition() -> None:
+    pipe = pipeline()
+    assert answered(pipe, "q", 3)["kw"]["partition"] == 3
+    # an error prediction too (unknown app), since the query id is known
+    pipe.on_queries(
+        [
+            RawQuery(
+                codec.encode(
+                    "Query",
+                    {
+                        "query_id": "bad",
+                        "app": "nope",
+                        "user": None,
+                        "features": [1.0],
+                        "raw": None,
+                        "text": None,
+                        "sent_at_us": 1,
+                        "deadline_ms": None,
+                    },
+                ),
+                b"nope",
+                2,
+                5,
+            )
+        ]
+    )
+    producer = pipe.producer
+    assert isinstance(producer, RecordingProducer)
+    errors = [kw for t, _, _, kw in producer.sent if t == topics.PREDICTIONS][1:]
+    assert [kw["partition"] for kw in errors] == [2]
+
+
+def test_restored_memory_equals_what_the_first_worker_remembered() -> None:
+    first = pipeline(("m1", "m2"), "EXP4")
+    record = answered(first, "q", 1)["record"]
+    restored = remembered_from(record, "app")
+    live = first.recall("q")
+    assert restored is not None and live is not None
+    assert restored.labels == live.labels and restored.probs == live.probs
+    assert restored.key == live.key and restored.at_us == live.at_us
+
+
+def test_error_predictions_restore_no_memory() -> None:
+    record = {"answers": [], "app": "a", "emitted_at_us": 5, "worker_us": 0}
+    assert remembered_from(record, "a") is None
+
+
+def test_a_restored_query_is_acked_not_answered_again() -> None:
+    pipe = pipeline()
+    record = answered(pipeline(), "q", 0)["record"]  # answered by another worker
+    pipe.restore("q", remembered_from(record, "app"))
+    acked: list[int] = []
+    pipe.on_queries([RawQuery(query("q", [1.0, 2.0, 3.0]), b"app", 0, 7, lambda: acked.append(7))])
+    producer = pipe.producer
+    assert isinstance(producer, RecordingProducer)
+    assert acked == [7]
+    assert not [s for s in producer.sent if s[0] != topics.DEADLETTER]
+    assert pipe.counts["duplicates"] == 1
+    assert pipe.recall("q") is not None  # its feedback can still be applied
+
+
+def test_dropped_partitions_are_forgotten_unacked_and_answered_when_read_again() -> None:
+    pipe = pipeline()
+    producer = pipe.producer
+    assert isinstance(producer, RecordingProducer)
+    acked: list[str] = []
+    pipe.on_queries(
+        [
+            RawQuery(query("a", [1.0, 2.0, 3.0]), b"app", 0, 0, lambda: acked.append("a")),
+            RawQuery(query("b", [1.0, 2.0, 4.0]), b"app", 1, 0, lambda: acked.append("b")),
+        ]
+    )
+    assert pipe.drop_partitions({0}) == 1
+    answer_batches(pipe, producer)  # the dropped query's answer comes late: ignored
+    pipe.tick()
+    assert [p["query_id"] for p in producer.on(topics.PREDICTIONS, "Prediction")] == ["b"]
+    assert acked == ["b"]
+    # the partition's next owner (here: the same pipeline again) reads it and answers it
+    pipe.on_queries(
+        [RawQuery(query("a", [1.0, 2.0, 3.0]), b"app", 0, 0, lambda: acked.append("a"))]
+    )
+    answer_batches(pipe, producer)
+    pipe.tick()
+    assert sorted(p["query_id"] for p in producer.on(topics.PREDICTIONS, "Prediction")) == [
+        "a",
+        "b",
+    ]
+    assert sorted(acked) == ["a", "b"]
