@@ -122,6 +122,9 @@ class Worker:
         self._restored: set[int] = set()
         self._serving = asyncio.Event()
         self._serving.set()
+        self._learning = asyncio.Event()
+        self._learning.set()
+        self._older: asyncio.Future[None] | None = None
         self._held: list[Any] = []
         self._closed = threading.Event()
         self._define_agents()
@@ -166,7 +169,10 @@ class Worker:
         async def learn(stream: Any) -> None:
             async for event in stream.events():
                 message = event.message
-                await self._serving.wait()  # answers are being restored (streams.dedup)
+                if not self._learning.is_set():
+                    await self._learning.wait()  # answers are being restored (streams.dedup)
+                    if message.generation_id != app.consumer_generation_id:
+                        continue  # a rebalance came meanwhile: the next owner reads it again
                 try:
                     self.on_feedback(message)
                 except Exception as exc:  # nor a bad feedback record the feedback agent
@@ -218,25 +224,24 @@ class Worker:
 
     async def restore(self, partitions: set[int]) -> None:
         """Before serving newly assigned query partitions, learn which of their queries were
-        answered (and with what) from the predictions topic (streams.dedup). Partitions kept
+        answered (and with what) from the predictions topic (streams.dedup). Queries wait
+        only for the recent predictions a redelivered query can have; feedback also waits
+        for the older ones its answer memory needs, read in the background. Partitions kept
         through a rebalance need nothing: this worker produced their predictions."""
         new = partitions - self._restored
         self._restored = set(partitions)
         if not new:
             return
+        if self._older is not None:
+            await self._older  # one restore at a time
+        group = self.app.conf.id
         self._serving.clear()
+        self._learning.clear()
+        older: dict[int, tuple[int, int]] = {}
         try:
-            found, done = await asyncio.to_thread(
-                dedup.read_answered, self.settings, new, self.app.conf.id
-            )
-            for qid, remembered in found:
-                self.pipeline.restore(qid, remembered)
-            log.warning(
-                "restored %d answered queries of partitions %s in %.2f s",
-                done.predictions,
-                sorted(new),
-                done.seconds,
-            )
+            plan = await asyncio.to_thread(dedup.plan, self.settings, new, group)
+            older = plan.older
+            await self._restore_range(plan.recent, new, "recent")
         except Exception:
             # serving on is better than stopping; a redelivered query may then be answered
             # twice, which the SDK's reader still removes
@@ -246,6 +251,30 @@ class Worker:
             held, self._held = self._held, []
             if held:
                 self.on_query_messages(held)
+        self._older = asyncio.ensure_future(self._restore_older(older, new))
+
+    async def _restore_older(self, ranges: dict[int, tuple[int, int]], new: set[int]) -> None:
+        try:
+            await self._restore_range(ranges, new, "older")
+        except Exception:
+            log.exception("restoring the answer memory of %s failed", sorted(new))
+        finally:
+            self._learning.set()
+            self._older = None
+
+    async def _restore_range(
+        self, ranges: dict[int, tuple[int, int]], new: set[int], what: str
+    ) -> None:
+        found, done = await asyncio.to_thread(dedup.read, self.settings, ranges, self.app.conf.id)
+        for qid, remembered in found:
+            self.pipeline.restore(qid, remembered)
+        log.warning(
+            "restored %d %s predictions of partitions %s in %.2f s",
+            done.predictions,
+            what,
+            sorted(new),
+            done.seconds,
+        )
 
     def on_query_messages(self, messages: list[Any]) -> None:
         if not self._serving.is_set():

@@ -31,7 +31,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from confluent_kafka import OFFSET_INVALID, Consumer, TopicPartition
 
@@ -69,74 +69,30 @@ def remembered_from(record: dict, key: str) -> Remembered | None:
     )
 
 
-def read_starts(
-    consumer: Consumer, settings: Settings, partitions: list[int], now_ms: int
-) -> dict[int, int]:
-    """Per predictions partition, the offset to read from (see the module docstring)."""
-    queries = [TopicPartition(topics.QUERIES, p) for p in partitions]
-    committed = {tp.partition: tp.offset for tp in consumer.committed(queries, timeout=30)}
-    # the timestamp of the first query that will be redelivered, per partition
-    first_redelivered: dict[int, int] = {}
-    redelivered = []
-    for p in partitions:
-        low, high = consumer.get_watermark_offsets(TopicPartition(topics.QUERIES, p), timeout=30)
-        c = committed.get(p, OFFSET_INVALID)
-        c = low if c < 0 else max(c, low)
-        if c < high:
-            redelivered.append(TopicPartition(topics.QUERIES, p, c))
-    if redelivered:
-        consumer.assign(redelivered)
-        deadline = time.monotonic() + 30
-        while len(first_redelivered) < len(redelivered) and time.monotonic() < deadline:
-            for msg in consume_ready(consumer, 100, 0.2):
-                if msg.error() is None and msg.partition() not in first_redelivered:
-                    first_redelivered[msg.partition()] = msg.timestamp()[1]
-        consumer.unassign()
-        missing = {tp.partition for tp in redelivered} - set(first_redelivered)
-        if missing:
-            # rather read all of a partition than miss an answered query
-            log.warning("no timestamp for redelivered queries of %s: reading all", missing)
-            first_redelivered.update(dict.fromkeys(missing, 0))
-    memory_from_ms = now_ms - int(settings.answer_ttl_s * 1000)
-    memory_found = consumer.offsets_for_times(
-        [TopicPartition(topics.PREDICTIONS, p, memory_from_ms) for p in partitions], timeout=30
-    )
-    dedup_found = []
-    if first_redelivered:
-        skew_ms = MAX_CLOCK_SKEW_US // 1000
-        dedup_found = consumer.offsets_for_times(
-            [
-                TopicPartition(topics.PREDICTIONS, p, max(0, ts - skew_ms))
-                for p, ts in first_redelivered.items()
-            ],
-            timeout=30,
-        )
-    starts: dict[int, int] = {}
-    for tp in memory_found:
-        low, high = consumer.get_watermark_offsets(
-            TopicPartition(topics.PREDICTIONS, tp.partition), timeout=30
-        )
-        at = tp.offset if tp.offset >= 0 else high  # -1: nothing that recent
-        starts[tp.partition] = max(low, at, high - settings.answer_memory)
-    for tp in dedup_found:
-        if tp.offset >= 0:
-            starts[tp.partition] = min(starts[tp.partition], tp.offset)
-    return starts
+@dataclass
+class Plan:
+    """Offset ranges [start, end) of predictions partitions to read on assignment."""
+
+    #: every prediction a redelivered query can have: read before serving queries
+    recent: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: the rest of the answer memory's window: read before applying feedback
+    older: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
-def read_answered(
-    settings: Settings, partitions: Iterable[int], group: str
-) -> tuple[list[tuple[str, Remembered | None]], Restored]:
-    """Every query id answered on these partitions, with its answer memory entry, read from
-    the predictions topic (blocking I/O: the worker runs it in a thread and applies the
-    result with ``Pipeline.restore`` before serving the partitions)."""
-    started = time.monotonic()
+def plan(settings: Settings, partitions: Iterable[int], group: str) -> Plan:
+    """Where to read each predictions partition (see the module docstring)."""
     parts = sorted(set(partitions))
-    done = Restored(starts={})
-    found: list[tuple[str, Remembered | None]] = []
     if not parts:
-        return found, done
-    consumer = Consumer(
+        return Plan()
+    consumer = _consumer(settings, group)
+    try:
+        return _plan(consumer, settings, parts, time.time_ns() // 1_000_000)
+    finally:
+        consumer.close()
+
+
+def _consumer(settings: Settings, group: str) -> Consumer:
+    return Consumer(
         settings.kafka(
             **{
                 # the worker group's id, only to read its committed offsets: this consumer
@@ -147,27 +103,107 @@ def read_answered(
             }
         )
     )
+
+
+def _first_redelivered(consumer: Consumer, partitions: list[int]) -> dict[int, int]:
+    """Per query partition with queries past its committed offset, the timestamp (ms) of
+    the first of them: the first query the next owner reads again."""
+    queries = [TopicPartition(topics.QUERIES, p) for p in partitions]
+    committed = {tp.partition: tp.offset for tp in consumer.committed(queries, timeout=30)}
+    redelivered = []
+    for p in partitions:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topics.QUERIES, p), timeout=30)
+        c = committed.get(p, OFFSET_INVALID)
+        c = low if c < 0 else max(c, low)
+        if c < high:
+            redelivered.append(TopicPartition(topics.QUERIES, p, c))
+    first: dict[int, int] = {}
+    if not redelivered:
+        return first
+    consumer.assign(redelivered)
+    deadline = time.monotonic() + 30
+    while len(first) < len(redelivered) and time.monotonic() < deadline:
+        for msg in consume_ready(consumer, 100, 0.2):
+            if msg.error() is None and msg.partition() not in first:
+                first[msg.partition()] = msg.timestamp()[1]
+    consumer.unassign()
+    missing = {tp.partition for tp in redelivered} - set(first)
+    if missing:
+        # rather read all of a partition than miss an answered query
+        log.warning("no timestamp for redelivered queries of %s: reading all", missing)
+        first.update(dict.fromkeys(missing, 0))
+    return first
+
+
+def _plan(consumer: Consumer, settings: Settings, partitions: list[int], now_ms: int) -> Plan:
+    first = _first_redelivered(consumer, partitions)
+    skew_ms = MAX_CLOCK_SKEW_US // 1000
+    recent_from = {
+        tp.partition: tp.offset
+        for tp in consumer.offsets_for_times(
+            [
+                TopicPartition(topics.PREDICTIONS, p, max(0, ts - skew_ms))
+                for p, ts in first.items()
+            ],
+            timeout=30,
+        )
+        if first
+    }
+    memory_from = {
+        tp.partition: tp.offset
+        for tp in consumer.offsets_for_times(
+            [
+                TopicPartition(topics.PREDICTIONS, p, now_ms - int(settings.answer_ttl_s * 1000))
+                for p in partitions
+            ],
+            timeout=30,
+        )
+    }
+    # the answer memory holds answer_memory entries over all partitions
+    cap = max(1, settings.answer_memory // max(1, settings.partitions))
+    out = Plan()
+    for p in partitions:
+        low, high = consumer.get_watermark_offsets(
+            TopicPartition(topics.PREDICTIONS, p), timeout=30
+        )
+        # offsets_for_times gives -1 when nothing is that recent: nothing to read
+        recent = recent_from.get(p, -1)
+        recent = high if recent < 0 else max(low, recent)
+        memory = memory_from.get(p, -1)
+        memory = high if memory < 0 else max(low, memory, high - cap)
+        if recent < high:
+            out.recent[p] = (recent, high)
+        if memory < recent:
+            out.older[p] = (memory, recent)
+    return out
+
+
+def read(
+    settings: Settings, ranges: dict[int, tuple[int, int]], group: str
+) -> tuple[list[tuple[str, Remembered | None]], Restored]:
+    """The query ids answered in these ranges of the predictions topic, each with its answer
+    memory entry (blocking I/O: the worker runs it in a thread and applies the result with
+    ``Pipeline.restore``)."""
+    started = time.monotonic()
+    done = Restored(starts={p: start for p, (start, _) in ranges.items()})
+    found: list[tuple[str, Remembered | None]] = []
+    ends = {p: end for p, (start, end) in ranges.items() if start < end}
+    if not ends:
+        return found, done
+    consumer = _consumer(settings, group)
     try:
-        starts = read_starts(consumer, settings, parts, time.time_ns() // 1_000_000)
-        done.starts = starts
-        ends: dict[int, int] = {}
-        assignment = []
-        for p, start in starts.items():
-            _, high = consumer.get_watermark_offsets(
-                TopicPartition(topics.PREDICTIONS, p), timeout=30
-            )
-            if start < high:
-                ends[p] = high
-                assignment.append(TopicPartition(topics.PREDICTIONS, p, start))
-        if assignment:
-            consumer.assign(assignment)
-        deadline = time.monotonic() + 120
+        consumer.assign([TopicPartition(topics.PREDICTIONS, p, ranges[p][0]) for p in sorted(ends)])
+        deadline = time.monotonic() + 300
         while ends and time.monotonic() < deadline:
             for msg in consume_ready(consumer, 1000, 0.2):
-                if msg.error() is not None or msg.partition() not in ends:
+                p = msg.partition()
+                if msg.error() is not None or p not in ends:
                     continue
-                if msg.offset() + 1 >= ends[msg.partition()]:
-                    del ends[msg.partition()]
+                if msg.offset() >= ends[p]:  # past the range (a gap hid its last offset)
+                    del ends[p]
+                    continue
+                if msg.offset() + 1 >= ends[p]:
+                    del ends[p]
                 try:
                     record = codec.decode("Prediction", msg.value())
                 except codec.DecodeError:
@@ -178,7 +214,7 @@ def read_answered(
                 done.predictions += 1
                 done.remembered += remembered is not None
         if ends:
-            raise TimeoutError(f"predictions partitions {sorted(ends)} not read within 120 s")
+            raise TimeoutError(f"predictions partitions {sorted(ends)} not read within 300 s")
     finally:
         consumer.close()
     done.seconds = time.monotonic() - started

@@ -26,12 +26,14 @@ from streams.processes import Child, clipstream_command, spawn
 from streams.sdk import Client, PredictionReader
 
 MODEL = "digits-logreg"
-RESTORED = re.compile(r"restored (\d+) answered queries of partitions \[[^]]*\] in ([\d.]+) s")
+RESTORED = re.compile(
+    r"restored (\d+) (recent|older) predictions of partitions \[[^]]*\] in ([\d.]+) s"
+)
 
 
 def phase(
     settings: Settings, logs: Path, dedup: bool, n: int, rate: float, tag: str
-) -> tuple[list[float], list[tuple[int, float]]]:
+) -> tuple[list[float], list[tuple[int, str, float]]]:
     """Start a worker, send ``n`` queries at ``rate``/s, return their latencies (ms) and the
     worker's restores (predictions read, seconds)."""
     env = {
@@ -67,7 +69,7 @@ def phase(
         reader.close()
         worker.stop()
     restores = [
-        (int(m.group(1)), float(m.group(2)))
+        (int(m.group(1)), m.group(2), float(m.group(3)))
         for m in RESTORED.finditer(worker.log_path.read_text(errors="replace"))
     ]
     return latencies, restores
@@ -91,7 +93,7 @@ def main() -> None:
         children: list[Child] = [replica]
         try:
             results: dict[bool, list[float]] = {False: [], True: []}
-            restores: list[tuple[int, float]] = []
+            restores: list[tuple[int, str, float]] = []
             n = int(args.rate * args.seconds)
             for r in range(args.rounds):
                 for dedup in (False, True):
@@ -111,8 +113,8 @@ def main() -> None:
             f"{'on' if dedup else 'off':>6} {lat.size:>6} "
             f"{np.percentile(lat, 50):>8.1f} {np.percentile(lat, 99):>8.1f}"
         )
-    for count, seconds in restores:
-        print(f"restore at assignment: {count} predictions read in {seconds:.2f} s")
+    for count, what, seconds in restores:
+        print(f"restore at assignment: {count} {what} predictions read in {seconds:.2f} s")
 
 
 if __name__ == "__main__":
