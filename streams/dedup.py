@@ -138,17 +138,16 @@ def _first_redelivered(consumer: Consumer, partitions: list[int]) -> dict[int, i
 def _plan(consumer: Consumer, settings: Settings, partitions: list[int], now_ms: int) -> Plan:
     first = _first_redelivered(consumer, partitions)
     skew_ms = MAX_CLOCK_SKEW_US // 1000
-    recent_from = {
-        tp.partition: tp.offset
-        for tp in consumer.offsets_for_times(
+    recent_from: dict[int, int] = {}
+    if first:  # offsets_for_times rejects an empty list
+        found = consumer.offsets_for_times(
             [
                 TopicPartition(topics.PREDICTIONS, p, max(0, ts - skew_ms))
                 for p, ts in first.items()
             ],
             timeout=30,
         )
-        if first
-    }
+        recent_from = {tp.partition: tp.offset for tp in found}
     memory_from = {
         tp.partition: tp.offset
         for tp in consumer.offsets_for_times(
