@@ -75,6 +75,10 @@ class Load:
         self.lock = threading.Lock()
         self.sending = threading.Event()
         self.reading = threading.Event()
+        # while set, feedback is kept back (sent once cleared), so that it reaches a worker
+        # that did not answer its query
+        self.hold_feedback = threading.Event()
+        self.held: list[tuple[str, str, str]] = []
         self.errors: list[BaseException] = []
         self.threads = [
             threading.Thread(target=self._guard(self._send), daemon=True),
@@ -133,8 +137,14 @@ class Load:
                     self.seen[qid] += 1
                     first = self.seen[qid] == 1
                 if first:
-                    self.feedback.send_feedback(qid, self.app, label=label, user=record["user"])
+                    self.held.append((qid, label, record["user"]))
+            if not self.hold_feedback.is_set():
+                for qid, label, user in self.held:
+                    self.feedback.send_feedback(qid, self.app, label=label, user=user)
+                self.held.clear()
             self.feedback.producer.poll(0)
+        for qid, label, user in self.held:
+            self.feedback.send_feedback(qid, self.app, label=label, user=user)
         self.feedback.flush(60)
 
     def sent(self) -> int:
@@ -339,10 +349,14 @@ def test_only_worker_killed_and_restarted(kafka_settings, processes):
         processes(f"replica-{model}", "replica", "--model", model)
     serving(kafka_settings, app)
     with Load(kafka_settings, app) as load:
-        progress(load, 300)
+        progress(load, 200)
+        load.hold_feedback.set()  # this feedback reaches only the next worker
+        progress(load, 100)
         worker.kill()
         processes("worker-again", "worker")
         progress(load, 300, timeout=180)
+        assert len(load.held) >= 100
+        load.hold_feedback.clear()
         check_promise(kafka_settings, load)
 
 
