@@ -108,11 +108,15 @@ def broker_status() -> None:
     default="warn",
     type=click.Choice(["crit", "error", "warn", "info", "debug"]),
 )
-def worker(partitions: int | None, metrics_port: int | None, faust_log_level: str) -> None:
-    """Run a worker: intake, cache, batching, merge and feedback (Faust)."""
+@click.option("--web-port", type=int, default=None, help="REST gateway port (0: a free one)")
+def worker(
+    partitions: int | None, metrics_port: int | None, faust_log_level: str, web_port: int | None
+) -> None:
+    """Run a worker: intake, cache, batching, merge and feedback (Faust), and the REST gateway."""
     from streams.app import run_worker
 
-    run_worker(settings_for(partitions=partitions, metrics_port=metrics_port), faust_log_level)
+    settings = settings_for(partitions=partitions, metrics_port=metrics_port, web_port=web_port)
+    run_worker(settings, faust_log_level)
 
 
 @main.command()
@@ -262,6 +266,36 @@ def app_register(name: str, models: str, no_cache: bool, **opts: Any) -> None:
     except RegistryError as exc:
         fail(str(exc))
     click.echo(f"app {name} registered")
+
+
+@main.command()
+@click.option(
+    "--metrics-url",
+    "urls",
+    multiple=True,
+    help="a process's Prometheus endpoint, e.g. http://host:9400 (repeat; adds to "
+    "CLIPSTREAM_METRICS_URLS)",
+)
+@click.option(
+    "--window",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="seconds between two scrapes: latency and counts of that window (0: since start)",
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def status(urls: tuple[str, ...], window: float, as_json: bool) -> None:
+    """Apps, models, replicas and lag, batch sizes, cache hits, latency and weights."""
+    from streams.status import collect_status, metrics_urls, render
+
+    settings = settings_for()
+    report = collect_status(settings, metrics_urls(settings, urls), window)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    out = Console()
+    for table in render(report):
+        out.print(table)
 
 
 # -- data -------------------------------------------------------------------------------
