@@ -78,6 +78,7 @@ def test_bench_runs_every_system_side_by_side(kafka_settings: Settings, tmp_path
             assert run["received"] == run["sent"] > 0, (name, phase)
             assert sum(run["histogram"]["counts"]) == run["received"], (name, phase)
             assert run["p50_ms"] <= run["p99_ms"] <= run["p999_ms"]
+    # the summary prints ratios to two decimals, hence the absolute tolerance below
     # the cached app answers the repeated test rows from the cache
     assert figures["systems"]["clipstream-cache"]["cache_hit_rate"] > 0.5
 
@@ -87,13 +88,13 @@ def test_bench_runs_every_system_side_by_side(kafka_settings: Settings, tmp_path
     assert summary["system"] == "clipstream"
     assert summary["lost"] == "0"
     assert float(summary["speedup_vs_naive"]) == pytest.approx(
-        cap["clipstream"] / cap["naive"], rel=0.01
+        cap["clipstream"] / cap["naive"], rel=0.01, abs=0.005
     )
     assert float(summary["p50_vs_floor"]) == pytest.approx(
-        p50["clipstream"] / p50["floor"], rel=0.01
+        p50["clipstream"] / p50["floor"], rel=0.01, abs=0.005
     )
     if "peer" in cap:
         assert float(summary["speedup_vs_peer"]) == pytest.approx(
-            cap["clipstream"] / cap["peer"], rel=0.01
+            cap["clipstream"] / cap["peer"], rel=0.01, abs=0.005
         )
     assert png.stat().st_size > 10_000  # a drawn figure, not an empty file
