@@ -50,7 +50,9 @@ class Replica:
         self.model = model
         self.replica_id = replica_id or f"{socket.gethostname()}-{os.getpid()}"
         self.trust_pickle = trust_pickle or settings.trust_pickle
-        self.trusted_types = trusted_types
+        self.trusted_types = (
+            trusted_types if trusted_types is not None else settings.trusted_type_list()
+        )
         # version -> adapter; pre-filled adapters let tests serve callables without files
         self._adapters: dict[int, ModelAdapter] = dict(adapters or {})
         self._failed: dict[int, str] = {}
