@@ -130,7 +130,9 @@ class Replica:
         finished = now_us()
         metrics.REPLICA_BATCHES.labels(self.model).inc()
         metrics.REPLICA_BATCH_SIZE.labels(self.model).observe(n)
-        metrics.REPLICA_ROWS.labels(self.model, str(batch["version"])).inc(n)
+        # a version this replica cannot serve gets one label, whatever a batch claims
+        version = "unknown" if isinstance(adapter, str) else str(batch["version"])
+        metrics.REPLICA_ROWS.labels(self.model, version).inc(n)
         metrics.REPLICA_MODEL_LATENCY.labels(self.model).observe((finished - started) / 1e6)
         metrics.REPLICA_QUEUE_LATENCY.labels(self.model).observe(
             max(0, started - batch["sent_at_us"]) / 1e6

@@ -218,18 +218,18 @@ class Worker:
         elif fb["label"] is None and fb["reward"] is None:
             reason = "feedback carries neither a label nor a reward"
         if reason is not None:
-            metrics.FEEDBACK.labels(fb["app"], "rejected").inc()
+            metrics.FEEDBACK.labels(pipeline.app_label(fb["app"]), "rejected").inc()
             pipeline.dead_letter(topics.FEEDBACK, raw, reason, "feedback", fb["query_id"])
             return
         assert remembered is not None and app is not None
         state = self.states.state_for(remembered.key, app)
         if not state.should_apply(message.partition, message.offset):
-            metrics.FEEDBACK.labels(fb["app"], "replayed").inc()
+            metrics.FEEDBACK.labels(pipeline.app_label(fb["app"]), "replayed").inc()
             return
         state.learn(remembered.labels, fb["label"], remembered.probs, reward=fb["reward"])
         state.mark_applied(message.partition, message.offset)
         self.table[remembered.key] = state.to_state()
-        metrics.FEEDBACK.labels(fb["app"], "applied").inc()
+        metrics.FEEDBACK.labels(pipeline.app_label(fb["app"]), "applied").inc()
         for model, weight in state.weights().items():
             metrics.BANDIT_WEIGHT.labels(remembered.key, model).set(weight)
 
