@@ -73,9 +73,12 @@ class Replica:
             return self._failed[version]
         spec = self.follower.registry.version_spec(self.model, version)
         if spec is None and time.monotonic() >= self._unknown_until.get(version, 0.0):
-            # a batch can overtake the deploy record on its way here: read up once
-            self.follower.sync(10)
-            spec = self.follower.registry.version_spec(self.model, version)
+            # a batch can overtake the deploy record on its way here: wait for it once
+            registry = self.follower.registry
+            self.follower.wait_until(
+                lambda: registry.version_spec(self.model, version) is not None, 2.0
+            )
+            spec = registry.version_spec(self.model, version)
             if spec is None:
                 self._unknown_until[version] = time.monotonic() + 5.0
         if spec is None:

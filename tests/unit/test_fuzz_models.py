@@ -4,7 +4,7 @@ result the worker accepts; it never raises."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -62,6 +62,9 @@ class StubFollower:
 
     def sync(self, timeout: float = 30.0) -> Registry:
         return self.registry
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        return predicate()
 
 
 @pytest.fixture(scope="module")
