@@ -256,9 +256,16 @@ class Pipeline:
                 if hit is not None:
                     p.answers[name] = hit
                     continue
+            if p.deadline_us <= now:
+                # read after its deadline (the intake is behind): a model's answer would
+                # come too late, so its row must not take a place in the model's queue
+                continue
             self._batcher(name, version, raw.partition, spec).add(qid, now)
         self.pending[qid] = p
         if len(p.answers) == len(p.probs):
+            self._emit(p, now)
+        elif p.deadline_us <= now:
+            metrics.DEADLINE_MISSES.labels(p.app).inc()
             self._emit(p, now)
         else:
             heapq.heappush(self._deadlines, (p.deadline_us, qid))

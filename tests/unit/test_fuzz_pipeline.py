@@ -200,7 +200,8 @@ def _good_query(qid: str, app: str = "app") -> bytes:
             "raw": None,
             "text": None,
             "sent_at_us": now_us(),
-            "deadline_ms": None,
+            # long: the machine may be slow; expiry is forced with tick(LATER_US)
+            "deadline_ms": 60_000,
         },
     )
 
