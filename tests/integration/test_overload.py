@@ -36,10 +36,11 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "slow"
-OVERLOAD_APP, SOAK_APP = "overload", "soak"
-SLOW = bad.Slow(per_batch_s=0.02, per_row_s=0.002)
-BATCH_MAX = 16  # capacity ~ 16 / (0.02 + 16 * 0.002) ~ 300 rows/s
-OVERLOAD_DEADLINE_MS = 300
+OVERLOAD_APP, SOAK_APP, BURST_APP = "overload", "soak", "burst"
+SLOW = bad.Slow(per_batch_s=0.02, per_row_s=0.01)
+BATCH_MAX = 16  # capacity ~ 16 / (0.02 + 16 * 0.01) ~ 90 rows/s, well below the worker's
+OVERLOAD_DEADLINE_MS = 500
+OVERLOAD_RATE, OVERLOAD_SECONDS = 400.0, 6.0
 SOAK_SECONDS = 90.0
 WINDOW_S = 15.0
 
@@ -58,10 +59,15 @@ def serving(kafka_settings, tmp_path_factory) -> Iterator[dict[str, Any]]:
     registry.deploy_model(
         s, MODEL, str(path), input_dim=64, batch_max=BATCH_MAX, latency_slo_ms=1000
     )
-    registry.register_app(
-        s, OVERLOAD_APP, [MODEL], deadline_ms=OVERLOAD_DEADLINE_MS, default_label="d"
-    )
-    registry.register_app(s, SOAK_APP, [MODEL], deadline_ms=5_000, default_label="d")
+    # no prediction cache: the test set repeats, and every query must reach the model
+    for app, deadline_ms in (
+        (OVERLOAD_APP, OVERLOAD_DEADLINE_MS),
+        (SOAK_APP, 5_000),
+        (BURST_APP, 120_000),
+    ):
+        registry.register_app(
+            s, app, [MODEL], deadline_ms=deadline_ms, default_label="d", cache=False
+        )
     env = {
         "KAFKA_BOOTSTRAP_SERVERS": s.require_bootstrap(),
         "CLIPSTREAM_PARTITIONS": str(s.partitions),
@@ -148,19 +154,23 @@ def test_overload_keeps_queues_bounded_gives_defaults_and_recovers(serving, caps
     client, X, port = serving["client"], serving["rows"], serving["port"]
     collector = Collector(serving["reader"])
     peaks = {"queue": 0.0, "pending": 0.0}
+    sampling = threading.Event()
 
     def sample() -> None:
-        peaks["queue"] = max(peaks["queue"], metric(port, "clipstream_batcher_queue_depth"))
-        peaks["pending"] = max(peaks["pending"], metric(port, "clipstream_pending_queries"))
+        while not sampling.wait(0.1):
+            peaks["queue"] = max(peaks["queue"], metric(port, "clipstream_batcher_queue_depth"))
+            peaks["pending"] = max(peaks["pending"], metric(port, "clipstream_pending_queries"))
 
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     try:
-        started = time.time()
-        sent = send_at_rate(client, OVERLOAD_APP, X, rate=1000, seconds=6, on_tick=sample)
+        sent = send_at_rate(client, OVERLOAD_APP, X, OVERLOAD_RATE, OVERLOAD_SECONDS)
         wait_for(
-            lambda: (sample(), set(sent) <= set(collector.got))[1],
+            lambda: set(sent) <= set(collector.got),
             120,
             "a prediction for every query sent under overload",
         )
+        sampling.set()
         preds = [collector.got[q] for q in sent]
         assert all(len(p) == 1 for p in preds), "a query got more than one prediction"
         preds = [p[0] for p in preds]
@@ -173,11 +183,8 @@ def test_overload_keeps_queues_bounded_gives_defaults_and_recovers(serving, caps
         assert len(late) <= len(preds) // 100, f"{len(late)} held past the deadline"
         # bounded queues: without dropping expired rows the batcher would hold most of the
         # queries the model could not serve (thousands)
-        assert peaks["queue"] < len(sent) / 4, peaks
+        assert 0 < peaks["queue"] < len(sent) / 4, peaks
         assert peaks["pending"] < len(sent) / 4, peaks
-        span = max(p["emitted_at_us"] for p in answered) - started * 1e6
-        capacity = len(answered) / (span / 1e6)
-        serving["capacity"] = capacity
 
         # load drops: the queues drain and queries get model answers again
         wait_for(
@@ -196,23 +203,34 @@ def test_overload_keeps_queues_bounded_gives_defaults_and_recovers(serving, caps
         ]
         with capsys.disabled():
             print(
-                f"\noverload: {len(sent)} queries at 1000/s for 6 s, {len(answered)} answered "
-                f"by the model ({capacity:.0f}/s), {len(defaults)} defaults, lost 0; "
-                f"peak batcher queue {peaks['queue']:.0f}, peak pending {peaks['pending']:.0f}"
+                f"\noverload: {len(sent)} queries at {OVERLOAD_RATE:.0f}/s for "
+                f"{OVERLOAD_SECONDS:.0f} s, {len(answered)} answered by the model, "
+                f"{len(defaults)} defaults, lost 0; peak batcher queue {peaks['queue']:.0f}, "
+                f"peak pending {peaks['pending']:.0f}"
             )
     finally:
+        sampling.set()
         collector.close()
+
+
+def measure_capacity(client: Client, collector: Collector, X: np.ndarray, n: int = 600) -> float:
+    """Queries served per second when all are waiting at once (deadlines far away)."""
+    start = time.time()
+    ids = [client.send_query(BURST_APP, X[i % len(X)].tolist()) for i in range(n)]
+    client.producer.flush(30)
+    wait_for(lambda: set(ids) <= set(collector.got), 120, "the capacity burst's predictions")
+    preds = [collector.got[q][0] for q in ids]
+    assert not any(p["default"] for p in preds)
+    return n / (max(p["emitted_at_us"] for p in preds) / 1e6 - start)
 
 
 def test_soak_at_80_percent_keeps_p99_and_memory_stable(serving, capsys):
     client, X = serving["client"], serving["rows"]
-    capacity = serving.get("capacity") or BATCH_MAX / (
-        SLOW.per_batch_s + BATCH_MAX * SLOW.per_row_s
-    )
+    collector = Collector(serving["reader"])
+    capacity = measure_capacity(client, collector, X)
     rate = 0.8 * capacity
     pids = {"worker": serving["worker"].pid, "replica": serving["replica"].pid}
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in pids}
-    collector = Collector(serving["reader"])
 
     def sample() -> None:
         t = time.monotonic()
@@ -233,8 +251,16 @@ def test_soak_at_80_percent_keeps_p99_and_memory_stable(serving, capsys):
     per_window = int(rate * WINDOW_S)
     first, last = latency[:per_window], latency[-per_window:]
     p99_first, p99_last = np.percentile(first, 99), np.percentile(last, 99)
-    # stable: no backlog building up over the run (generous: the machine is shared)
-    assert p99_last <= max(3 * p99_first, p99_first + 500), (p99_first, p99_last)
+    p50_first, p50_last = np.percentile(first, 50), np.percentile(last, 50)
+    windows = [
+        round(float(np.percentile(latency[i : i + per_window], 99)))
+        for i in range(0, len(latency), per_window)
+    ]
+    # Stable: no backlog building up over the run. A load above capacity would raise the
+    # latency by seconds within a window; the bounds leave room for a stall of the shared
+    # machine (the window p99 is its top 1%, a few queries).
+    assert p99_last <= max(4 * p99_first, p99_first + 2000), (p99_first, p99_last, windows)
+    assert p50_last <= max(3 * p50_first, p50_first + 300), (p50_first, p50_last, windows)
     defaults = sum(p["default"] for p in preds)
     assert defaults <= len(preds) // 100, f"{defaults} defaults at 80% of capacity"
 
@@ -251,8 +277,9 @@ def test_soak_at_80_percent_keeps_p99_and_memory_stable(serving, capsys):
     with capsys.disabled():
         print(
             f"\nsoak: {len(sent)} queries at {rate:.0f}/s (80% of {capacity:.0f}/s) for "
-            f"{SOAK_SECONDS:.0f} s, lost {lost}, defaults {defaults}; p99 first "
-            f"{p99_first:.0f} ms, last {p99_last:.0f} ms; RSS "
+            f"{SOAK_SECONDS:.0f} s, lost {lost}, defaults {defaults}; p50 first/last "
+            f"{p50_first:.0f}/{p50_last:.0f} ms, p99 per {WINDOW_S:.0f} s window {windows} ms; "
+            "RSS "
             + ", ".join(
                 f"{n} {samples[n][0][1]:.0f}->{samples[n][-1][1]:.0f} MB "
                 f"(trend {growth[n]:+.1f} MB/run)"
