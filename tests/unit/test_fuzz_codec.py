@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("report_inputs")
 __all__ = ["report_inputs"]
 
 KINDS = tuple(codec.SCHEMA_FILES)
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 doubles = st.floats(allow_nan=True, allow_infinity=True, width=64)
 ids = st.text(max_size=40)

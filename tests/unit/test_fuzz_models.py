@@ -26,7 +26,7 @@ from tests.unit.fuzz_counts import report_inputs, tried
 pytestmark = pytest.mark.usefixtures("report_inputs")
 __all__ = ["report_inputs"]
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 class Uniform(bad.DigitsShaped):

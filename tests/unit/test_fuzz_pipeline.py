@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("report_inputs")
 __all__ = ["report_inputs"]
 
 FUZZ = settings(
-    max_examples=300,
+    max_examples=200,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
