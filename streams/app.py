@@ -24,6 +24,7 @@ from models.registry import ControlFollower
 from selection import SelectionState
 from streams import codec, intake, metrics, topics
 from streams.config import Settings
+from streams.gateway import Gateway, free_port, mount
 from streams.pipeline import Pipeline, RawQuery, new_state, now_us
 
 log = logging.getLogger("clipstream.worker")
@@ -100,7 +101,14 @@ class Worker:
             # a crashed worker's partitions move after 10 s, not Faust's default 60 s
             broker_session_timeout=10.0,
             broker_heartbeat_interval=1.0,
-            web_enabled=False,
+            # the REST gateway (streams/gateway.py) is served by Faust's aiohttp web server
+            web_enabled=True,
+            web_port=free_port(settings.web_port),
+            # only the gateway: Faust's own pages would expose table contents and stats
+            web_tables_enabled=False,
+            web_router_enabled=False,
+            web_graph_enabled=False,
+            web_stats_enabled=False,
             table_standby_replicas=0,
         )
         self.table = self.app.Table(
@@ -116,6 +124,8 @@ class Worker:
         self._define_agents()
         if settings.bulk_intake:
             intake.install(self.app, {topics.QUERIES: self.on_query_messages})
+        self.gateway = Gateway(settings, self.follower.registry)
+        mount(self.app, self.gateway)
 
     def _define_agents(self) -> None:
         app, s, pipeline = self.app, self.settings, self.pipeline
@@ -279,6 +289,7 @@ class Worker:
 
     def close(self) -> None:
         self._closed.set()
+        self.gateway.close()
         self.producer.flush(10)
         self.follower.close()
 
@@ -290,6 +301,7 @@ def run_worker(settings: Settings, loglevel: str = "warn") -> None:
     port = metrics.serve(settings.metrics_port)
     log.warning("metrics on :%d", port)
     worker = Worker(settings)
+    log.warning("REST gateway on :%d", worker.app.conf.web_port)
     worker.start_background()
     try:
         FaustWorker(worker.app, loglevel=loglevel, quiet=True).execute_from_commandline()

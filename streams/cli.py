@@ -108,11 +108,15 @@ def broker_status() -> None:
     default="warn",
     type=click.Choice(["crit", "error", "warn", "info", "debug"]),
 )
-def worker(partitions: int | None, metrics_port: int | None, faust_log_level: str) -> None:
-    """Run a worker: intake, cache, batching, merge and feedback (Faust)."""
+@click.option("--web-port", type=int, default=None, help="REST gateway port (0: a free one)")
+def worker(
+    partitions: int | None, metrics_port: int | None, faust_log_level: str, web_port: int | None
+) -> None:
+    """Run a worker: intake, cache, batching, merge and feedback (Faust), and the REST gateway."""
     from streams.app import run_worker
 
-    run_worker(settings_for(partitions=partitions, metrics_port=metrics_port), faust_log_level)
+    settings = settings_for(partitions=partitions, metrics_port=metrics_port, web_port=web_port)
+    run_worker(settings, faust_log_level)
 
 
 @main.command()
@@ -276,6 +280,36 @@ def app_register(name: str, models: str, no_cache: bool, **opts: Any) -> None:
     click.echo(f"app {name} registered")
 
 
+@main.command()
+@click.option(
+    "--metrics-url",
+    "urls",
+    multiple=True,
+    help="a process's Prometheus endpoint, e.g. http://host:9400 (repeat; adds to "
+    "CLIPSTREAM_METRICS_URLS)",
+)
+@click.option(
+    "--window",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="seconds between two scrapes: latency and counts of that window (0: since start)",
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def status(urls: tuple[str, ...], window: float, as_json: bool) -> None:
+    """Apps, models, replicas and lag, batch sizes, cache hits, latency and weights."""
+    from streams.status import collect_status, metrics_urls, render
+
+    settings = settings_for()
+    report = collect_status(settings, metrics_urls(settings, urls), window)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    out = Console()
+    for table in render(report):
+        out.print(table)
+
+
 # -- data -------------------------------------------------------------------------------
 
 
@@ -337,10 +371,50 @@ def demo(rate: float, replicas: int, workdir: Path | None) -> None:
 @main.command()
 @click.option(
     "--suite",
-    default="batching",
+    default="compare",
     show_default=True,
-    type=click.Choice(["batching", "selection"]),
-    help="batching: adaptive vs batch size 1 (needs Kafka); selection: Exp3/Exp4 on digits",
+    type=click.Choice(["compare", "batching", "selection"]),
+    help="compare: every system side by side under one load; batching: adaptive vs batch "
+    "size 1 (needs Kafka); selection: Exp3/Exp4 on digits",
+)
+@click.option(
+    "--systems",
+    default="floor,naive,clipstream,clipstream-cache,peer",
+    show_default=True,
+    help="compare: which systems, in order",
+)
+@click.option(
+    "--model",
+    default="digits-logreg",
+    show_default=True,
+    type=click.Choice(
+        ["digits-logreg", "digits-forest", "digits-knn", "digits-svc", "wide784-logreg"]
+    ),
+    help="compare: the model every system serves",
+)
+@click.option("--rate", type=float, default=100.0, show_default=True, help="light load, q/s")
+@click.option("--duration", type=float, default=5.0, show_default=True, help="seconds per run")
+@click.option("--warmup", type=float, default=1.0, show_default=True, help="seconds not counted")
+@click.option("--burst", type=int, default=5000, show_default=True, help="queries per burst")
+@click.option(
+    "--arrivals", type=click.Choice(["constant", "poisson"]), default="constant", show_default=True
+)
+@click.option(
+    "--broker-warmup",
+    type=float,
+    default=8.0,
+    show_default=True,
+    help="seconds of unmeasured load before the first system",
+)
+@click.option("--sweep", is_flag=True, help="also find each system's highest rate with p99<=SLO")
+@click.option("--slo-ms", type=float, default=50.0, show_default=True, help="p99 objective")
+@click.option("--sweep-start", type=float, default=250.0, show_default=True, help="first rate")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="draw latency CDFs and throughput curves to this PNG (needs the bench extra)",
 )
 @click.option("--models", default="digits-logreg,digits-forest", show_default=True)
 @click.option(
@@ -348,10 +422,10 @@ def demo(rate: float, replicas: int, workdir: Path | None) -> None:
     type=int,
     default=2000,
     show_default=True,
-    help="rows per replica-level run at batch size 1",
+    help="batching: rows per replica-level run at batch size 1",
 )
 @click.option(
-    "--queries", type=int, default=2000, show_default=True, help="queries per end-to-end run"
+    "--queries", type=int, default=2000, show_default=True, help="batching: queries per run"
 )
 @click.option(
     "--out",
@@ -359,12 +433,54 @@ def demo(rate: float, replicas: int, workdir: Path | None) -> None:
     default=None,
     help="write all figures as JSON",
 )
-def bench(suite: str, models: str, rows: int, queries: int, out: Path | None) -> None:
+def bench(
+    suite: str,
+    systems: str,
+    model: str,
+    rate: float,
+    duration: float,
+    warmup: float,
+    burst: int,
+    arrivals: str,
+    broker_warmup: float,
+    sweep: bool,
+    slo_ms: float,
+    sweep_start: float,
+    plot_path: Path | None,
+    models: str,
+    rows: int,
+    queries: int,
+    out: Path | None,
+) -> None:
     """Measure side by side in one run (starts the embedded broker if none is configured)."""
     from streams.bench import run_bench
+    from streams.bench.compare import Plan
 
     exit_on_sigterm()
-    sys.exit(run_bench(suite, [m for m in models.split(",") if m], rows, queries, out))
+    plan = Plan(
+        systems=tuple(s for s in systems.split(",") if s),
+        model=model,
+        light_rate=rate,
+        duration_s=duration,
+        warmup_s=warmup,
+        burst=burst,
+        arrivals=arrivals,
+        sweep=sweep,
+        slo_ms=slo_ms,
+        sweep_start=sweep_start,
+        warm_broker_s=broker_warmup,
+    )
+    sys.exit(
+        run_bench(
+            suite,
+            plan=plan,
+            models=[m for m in models.split(",") if m],
+            rows=rows,
+            queries=queries,
+            out=out,
+            plot_path=plot_path,
+        )
+    )
 
 
 if __name__ == "__main__":

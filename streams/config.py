@@ -29,7 +29,9 @@ class Settings:
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     metrics_port: int = 0
-    web_port: int = 6066
+    web_port: int = 0
+    gateway_margin_ms: float = 500.0
+    metrics_urls: str = ""
     batch_max: int = 256
     batch_wait_ms: float = 2.0
     bulk_intake: bool = True

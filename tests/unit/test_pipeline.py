@@ -84,7 +84,9 @@ def make_registry(policy: str = "SINGLE", models: tuple[str, ...] = ("m1",)) -> 
     return reg
 
 
-def query(qid: str, features: list[float], sent: int | None = None) -> bytes:
+def query(
+    qid: str, features: list[float], sent: int | None = None, deadline_ms: float | None = None
+) -> bytes:
     return codec.encode(
         "Query",
         {
@@ -95,7 +97,7 @@ def query(qid: str, features: list[float], sent: int | None = None) -> bytes:
             "raw": None,
             "text": None,
             "sent_at_us": sent or now_us(),
-            "deadline_ms": None,
+            "deadline_ms": deadline_ms,
         },
     )
 
@@ -148,9 +150,15 @@ def setup() -> tuple[Pipeline, RecordingProducer, list[str]]:
 
 def test_each_query_gets_one_prediction_and_is_acked_after_delivery(setup) -> None:
     pipe, producer, acked = setup
+    # The test steps a made-up clock for the batch window, but answers are stamped with the
+    # real one; a long deadline keeps a slow (shared) machine from turning them into defaults.
     raws = [
         RawQuery(
-            query(f"q{i}", [1.0, 2.0, float(i)]), b"app", 0, i, lambda i=i: acked.append(f"q{i}")
+            query(f"q{i}", [1.0, 2.0, float(i)], deadline_ms=60_000),
+            b"app",
+            0,
+            i,
+            lambda i=i: acked.append(f"q{i}"),
         )
         for i in range(10)
     ]

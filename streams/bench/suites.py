@@ -1,4 +1,4 @@
-"""``clipstream bench``: measured side by side in one run, on one broker.
+"""``clipstream bench --suite batching|selection``: measured side by side in one run.
 
 Suite ``batching`` (Clipper's adaptive batching gain, per model): throughput with batch
 size 1 against adaptive (AIMD) batching, at the replica (batches written straight to the
@@ -215,7 +215,7 @@ def selection_suite(workdir: Path, models: list[str], passes: int = 5) -> dict[s
     }
 
 
-def run_bench(suite: str, models: list[str], rows: int, queries: int, out: Path | None) -> int:
+def run_suite(suite: str, models: list[str], rows: int, queries: int, out: Path | None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="clipstream-bench-"))
     if suite == "selection":
         figures = selection_suite(workdir, models)

@@ -1,0 +1,264 @@
+"""The side-by-side comparison: every system, one broker, one model, one load.
+
+Per system: a run at light load (its p50 is the latency figure), a burst that measures
+capacity (queries answered per second while the system is saturated), and with
+``sweep`` the highest offered rate whose p99 stays under the latency objective.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.files import load_model
+from models.training import digits_split, train_digits_models, train_wide_model, wide_dataset
+from streams.bench import systems
+from streams.bench.loadgen import LoadResult, run_load, wait_ready
+from streams.bench.peer import PeerUnavailable
+from streams.config import Settings
+from streams.processes import Child
+
+MODELS = ("digits-logreg", "digits-forest", "digits-knn", "digits-svc", "wide784-logreg")
+
+
+@dataclass
+class Plan:
+    systems: tuple[str, ...] = systems.SYSTEMS
+    model: str = "digits-logreg"
+    light_rate: float = 100.0
+    duration_s: float = 5.0
+    warmup_s: float = 1.0
+    burst: int = 5000
+    arrivals: str = "constant"
+    deadline_ms: int = 1000
+    # a burst queues far past any light-load deadline; clipstream would answer those
+    # queries with default outputs, which are not throughput, so bursts get a long one
+    burst_deadline_ms: int = 60_000
+    sweep: bool = False
+    slo_ms: float = 50.0
+    sweep_start: float = 250.0
+    sweep_factor: float = 1.6
+    sweep_max: float = 100_000.0
+    warm_broker_s: float = 8.0
+
+
+Progress = Callable[[str, int, int, int], None]  # (phase, total, sent, received)
+
+
+def prepare_model(model: str, workdir: Path) -> tuple[Path, Any, np.ndarray, int]:
+    """Train the named model; returns its file, the estimator, the query rows and width."""
+    if model == "wide784-logreg":
+        path, _ = train_wide_model(workdir / "models", dim=784)
+        _, X, _, _ = wide_dataset(dim=784)
+    elif model in MODELS:
+        path = train_digits_models(workdir / "models", names=[model])[model][0]
+        _, X, _, _ = digits_split()
+    else:
+        raise ValueError(f"unknown model {model!r}; one of {', '.join(MODELS)}")
+    return path, load_model(path), np.ascontiguousarray(X, dtype=float), X.shape[1]
+
+
+def model_compute_us(estimator: Any, X: np.ndarray, repeats: int = 200) -> float:
+    """Median time of the model's own one-row predict_proba, in this process."""
+    times = []
+    for i in range(repeats):
+        row = X[i % len(X)].reshape(1, -1)
+        t = time.perf_counter_ns()
+        estimator.predict_proba(row)
+        times.append(time.perf_counter_ns() - t)
+    return float(np.median(times) / 1000)
+
+
+def sweep(
+    settings: Settings, name: str, protocol: Any, X: np.ndarray, plan: Plan, progress: Progress
+) -> tuple[list[LoadResult], float | None]:
+    """Raise the rate until p99 passes the objective or queries fall behind; returns the
+    points and the highest rate that held (None if even the first did not)."""
+    points: list[LoadResult] = []
+    rate, best = plan.sweep_start, None
+    while rate <= plan.sweep_max:
+        r = run_load(
+            settings,
+            name,
+            protocol,
+            X,
+            rate=rate,
+            duration_s=plan.duration_s,
+            warmup_s=plan.warmup_s,
+            arrivals=plan.arrivals,
+            deadline_ms=plan.deadline_ms,
+            progress=lambda s, g, n=rate: progress(f"{name} sweep {n:.0f}/s", -1, s, g),
+        )
+        points.append(r)
+        held = r.p99_ms <= plan.slo_ms and r.lost == 0 and r.throughput_qps >= 0.9 * rate
+        if not held:
+            break
+        best = rate
+        rate *= plan.sweep_factor
+    return points, best
+
+
+def measure(
+    name: str,
+    ctx: systems.Context,
+    X: np.ndarray,
+    plan: Plan,
+    progress: Progress,
+    warm_broker_s: float = 0.0,
+) -> dict[str, Any]:
+    """Start one system, measure it, stop it (the clipstream pair shares one start)."""
+    protocol, children = systems.start(name, ctx)
+    try:
+        ready_s = wait_ready(ctx.settings, protocol, X)
+        if warm_broker_s > 0:
+            # a broker that just started (JIT, page cache, group coordinator) is slow for
+            # its first seconds; that cost belongs to no system, so it is paid unmeasured
+            run_load(
+                ctx.settings,
+                name,
+                protocol,
+                X,
+                rate=plan.light_rate * 5,
+                duration_s=warm_broker_s,
+                warmup_s=0.0,
+                progress=lambda s, g: progress("broker warm-up (not counted)", -1, s, g),
+            )
+        n_light = int(plan.light_rate * plan.duration_s) + int(plan.warmup_s * plan.light_rate)
+        light = run_load(
+            ctx.settings,
+            name,
+            protocol,
+            X,
+            rate=plan.light_rate,
+            duration_s=plan.duration_s,
+            warmup_s=plan.warmup_s,
+            arrivals=plan.arrivals,
+            deadline_ms=plan.deadline_ms,
+            progress=lambda s, g: progress(f"{name} light {plan.light_rate:.0f}/s", n_light, s, g),
+        )
+        n_burst = plan.burst + int(plan.warmup_s * min(plan.light_rate, 200))
+        capacity = run_load(
+            ctx.settings,
+            name,
+            protocol,
+            X,
+            rate=None,
+            burst=plan.burst,
+            warmup_s=plan.warmup_s,
+            deadline_ms=plan.burst_deadline_ms,
+            grace_s=30.0,
+            progress=lambda s, g: progress(f"{name} burst", n_burst, s, g),
+        )
+        out: dict[str, Any] = {
+            "description": systems.DESCRIPTIONS[name],
+            "ready_s": round(ready_s, 2),
+            "light": light,
+            "capacity": capacity,
+        }
+        if plan.sweep:
+            points, best = sweep(ctx.settings, name, protocol, X, plan, progress)
+            out["sweep"] = points
+            out["max_rate_under_slo"] = best
+        if name == "clipstream-cache":
+            out["cache_hit_rate"] = capacity.cache_hits / max(1, capacity.received)
+        return out
+    finally:
+        if name != "clipstream":  # the cached run reuses clipstream's worker and replica
+            _stop(children)
+
+
+def _stop(children: list[Child]) -> None:
+    for child in children:
+        child.stop()
+
+
+def capacity_of(figures: dict[str, Any]) -> float:
+    """The throughput a ratio uses: the sweep's sustained rate if there was one."""
+    if figures.get("max_rate_under_slo") is not None:
+        return float(figures["max_rate_under_slo"])
+    return float(figures["capacity"].throughput_qps)
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Computed from this run's own figures, so they are side by side by construction."""
+    cs = results.get("clipstream")
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None or b == 0 else a / b
+
+    def cap(name: str) -> float | None:
+        return capacity_of(results[name]) if name in results else None
+
+    def p50(name: str) -> float | None:
+        return results[name]["light"].p50_ms if name in results else None
+
+    return {
+        "speedup_vs_naive": ratio(cap("clipstream"), cap("naive")) if cs else None,
+        "p50_vs_floor": ratio(p50("clipstream"), p50("floor")) if cs else None,
+        "speedup_vs_peer": ratio(cap("clipstream"), cap("peer")) if cs else None,
+        # the most any system on this path could gain over the naive loop here
+        "ceiling_vs_naive": ratio(cap("floor"), cap("naive")),
+    }
+
+
+def run_compare(
+    settings: Settings, workdir: Path, plan: Plan, progress: Progress, note: Callable[[str], None]
+) -> dict[str, Any]:
+    model_path, estimator, X, dim = prepare_model(plan.model, workdir)
+    ctx = systems.Context(
+        settings=settings,
+        workdir=workdir,
+        run_id=uuid.uuid4().hex[:8],
+        model=plan.model,
+        model_path=model_path,
+        estimator=estimator,
+        input_dim=dim,
+    )
+    results: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    try:
+        for name in plan.systems:
+            try:
+                load_before = os.getloadavg()[0]
+                warm = plan.warm_broker_s if not results else 0.0
+                results[name] = measure(name, ctx, X, plan, progress, warm)
+                # the machine may be shared: each system's figures say how busy it was
+                results[name]["loadavg_1m"] = [load_before, os.getloadavg()[0]]
+            except PeerUnavailable as exc:
+                skipped[name] = str(exc)
+                note(f"{name} skipped: {exc}")
+            except TimeoutError as exc:
+                skipped[name] = f"not serving: {exc}"
+                note(f"{name} skipped: {exc}")
+                note(f"logs in {ctx.logs}")
+                if name.startswith("clipstream"):
+                    _stop(ctx.children.pop("clipstream", []))
+    finally:
+        for children in ctx.children.values():
+            _stop(children)
+    compute_us = model_compute_us(estimator, X)
+    targets: dict[str, Any] = {}
+    if "clipstream" in results and "floor" in results:
+        # the issue's latency target: light-load p50 within 1.5x of the floor plus the
+        # model's own compute time
+        limit = 1.5 * (results["floor"]["light"].p50_ms + compute_us / 1000)
+        targets["p50_limit_ms"] = limit
+        targets["p50_within_limit"] = results["clipstream"]["light"].p50_ms <= limit
+    return {
+        "model": plan.model,
+        "input_dim": dim,
+        "model_compute_us_one_row": compute_us,
+        "targets": targets,
+        "cpus": os.cpu_count(),
+        "plan": plan.__dict__,
+        "systems": results,
+        "skipped": skipped,
+        "ratios": ratios(results),
+    }

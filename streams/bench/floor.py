@@ -1,0 +1,107 @@
+"""The floor: the cheapest pass-through over as many Kafka hops as clipstream's path.
+
+Clipstream's query crosses four topics (queries, the model's requests, responses,
+predictions). This process forwards each query through two relay topics unchanged and
+then answers it with a Prediction naming no model, with no model and no batching logic:
+what is left is the physical cost of the path (brokers, clients, Avro), the limit no
+system on this path can beat.
+
+Run as ``python -m streams.bench.floor --prefix bench.floor``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from typing import Any
+
+from confluent_kafka import Consumer, Producer
+
+from streams import codec
+from streams.config import Settings
+from streams.kafka_util import consume_ready
+
+
+def topics_for(prefix: str) -> dict[str, str]:
+    return {
+        "queries": f"{prefix}.queries",
+        "hop1": f"{prefix}.hop1",
+        "hop2": f"{prefix}.hop2",
+        "predictions": f"{prefix}.predictions",
+    }
+
+
+def prediction_for(query: dict[str, Any], label: str | None, score: float | None) -> bytes:
+    """The Prediction record the bench's own systems answer with (same client decode)."""
+    now = time.time_ns() // 1000
+    return codec.encode(
+        "Prediction",
+        {
+            "query_id": query["query_id"],
+            "app": query["app"],
+            "user": query["user"],
+            "label": label,
+            "score": score,
+            "models": [],
+            "answers": [],
+            "cache_hit": False,
+            "default": False,
+            "error": None,
+            "sent_at_us": query["sent_at_us"],
+            "emitted_at_us": now,
+            "worker_us": 0,
+        },
+    )
+
+
+def run(settings: Settings, prefix: str, stop: list[bool]) -> None:
+    names = topics_for(prefix)
+    consumer = Consumer(
+        settings.kafka(
+            **{
+                "group.id": f"{prefix}-relay",
+                "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": 5,
+                "enable.partition.eof": False,
+            }
+        )
+    )
+    producer = Producer(settings.kafka(**{"linger.ms": 1}))
+    nxt = {names["queries"]: names["hop1"], names["hop1"]: names["hop2"]}
+    consumer.subscribe([names["queries"], names["hop1"], names["hop2"]])
+    try:
+        while not stop[0]:
+            for msg in consume_ready(consumer, 1000, 0.05):
+                if msg.error():
+                    continue
+                to = nxt.get(msg.topic())
+                if to is not None:
+                    producer.produce(to, msg.value(), msg.key())
+                else:
+                    query = codec.decode("Query", msg.value())
+                    producer.produce(
+                        names["predictions"], prediction_for(query, None, None), msg.key()
+                    )
+            producer.poll(0)
+    finally:
+        producer.flush(5)
+        consumer.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prefix", default="bench.floor")
+    args = parser.parse_args()
+    stop = [False]
+
+    def on_signal(*_: Any) -> None:
+        stop[0] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    run(Settings.from_env(), args.prefix, stop)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""The REST gateway with a real HTTP client against a running worker on the real broker:
+predictions come back synchronously and are the same ones Kafka readers see, feedback
+reaches the feedback topic, bad input gets 400/404 with a reason, and a query nobody
+answers gets the app's default output at its deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from models import registry
+from models.training import digits_split
+from streams import topics
+from streams.config import Settings
+from streams.gateway import Gateway
+from streams.processes import clipstream_command, spawn
+from streams.sdk import Client, PredictionReader
+from tests.conftest import wait_for
+from tests.integration.helpers import collect, read_all, wait_until_serving
+
+pytestmark = pytest.mark.integration
+
+APP = "digits-rest"
+LONELY = "digits-lonely"  # its model has no replica: only defaults
+MODEL = "digits-logreg"
+ORPHAN = "digits-forest"
+
+
+def free_port() -> int:
+    from streams.gateway import free_port as pick
+
+    return pick(0)
+
+
+def http(method: str, url: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.fixture(scope="module")
+def deployed(kafka_settings: Settings, digits_models) -> Settings:
+    registry.deploy_model(kafka_settings, MODEL, str(digits_models[MODEL][0]), input_dim=64)
+    registry.deploy_model(kafka_settings, ORPHAN, str(digits_models[ORPHAN][0]), input_dim=64)
+    registry.register_app(
+        kafka_settings, APP, [MODEL], deadline_ms=5000, default_label="0", input_dim=64
+    )
+    registry.register_app(kafka_settings, LONELY, [ORPHAN], deadline_ms=300, default_label="7")
+    return kafka_settings
+
+
+def test_gateway_answers_with_the_default_when_no_prediction_comes(deployed: Settings) -> None:
+    # No worker runs yet: nothing will ever answer, so the gateway's own deadline fires.
+    settings = Settings(**{**deployed.__dict__, "gateway_margin_ms": 200.0})
+    gateway = Gateway(settings, registry.current(settings))
+    try:
+        status, body = asyncio.run(gateway.predict(LONELY, {"features": [0.0] * 64}))
+    finally:
+        gateway.close()
+    assert status == 200
+    assert body["default"] is True and body["label"] == "7"
+    assert "deadline" in body["error"]
+
+
+@pytest.fixture(scope="module")
+def gateway_urls(deployed: Settings, tmp_path_factory: pytest.TempPathFactory):
+    """Two workers (so a REST call often reaches one that does not own its query's
+    partition) and one replica; yields each worker's gateway URL once all serve."""
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": deployed.require_bootstrap(),
+        "CLIPSTREAM_PARTITIONS": str(deployed.partitions),
+    }
+    logs: Path = tmp_path_factory.mktemp("gateway-logs")
+    ports = [free_port(), free_port()]
+    children = [
+        spawn(f"worker-{i}", clipstream_command("worker", "--web-port", str(p)), logs, env)
+        for i, p in enumerate(ports)
+    ]
+    children.append(spawn("replica", clipstream_command("replica", "--model", MODEL), logs, env))
+    try:
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        for url in urls:
+
+            def listening(url: str = url) -> int:
+                try:
+                    return http("POST", f"{url}/apps/{APP}/predict", {"features": [0.0] * 64})[0]
+                except OSError:  # the web server starts once the worker's tables are recovered
+                    return 0
+
+            wait_for(listening, 120, f"the REST gateway at {url} to listen")
+        _, X_test, _, _ = digits_split()
+        reader = PredictionReader(deployed)
+        try:
+            wait_until_serving(Client(deployed), reader, APP, X_test[0].tolist())
+        finally:
+            reader.close()
+        yield urls
+    finally:
+        for child in children:
+            child.stop()
+        if any(c.proc.returncode not in (0, -9, -15) for c in children):
+            for c in children:
+                print(f"--- {c.name} (exit {c.proc.returncode}) ---\n{c.log_tail(60)}")
+
+
+@pytest.fixture(scope="module")
+def gateway_url(gateway_urls: list[str]) -> str:
+    return gateway_urls[0]
+
+
+def test_any_worker_answers_any_query(gateway_urls: list[str]) -> None:
+    _, X_test, _, y_test = digits_split()
+    answers = []
+    for i in range(24):
+        # users spread the keys over all partitions; the two workers own two each
+        body = {"features": X_test[i].tolist(), "user": f"user-{i}"}
+        status, prediction = http("POST", f"{gateway_urls[i % 2]}/apps/{APP}/predict", body)
+        assert status == 200, prediction
+        answers.append((prediction, str(y_test[i]), f"user-{i}"))
+    assert all(not p["default"] and p["models"] == [f"{MODEL}@1"] for p, _, _ in answers)
+    assert all(p["user"] == user for p, _, user in answers)  # each got its own query's answer
+    assert sum(p["label"] == y for p, y, _ in answers) >= 21
+
+
+def test_predict_over_rest_is_the_prediction_kafka_readers_see(
+    deployed: Settings, gateway_url: str, digits_models
+) -> None:
+    reader = PredictionReader(deployed)
+    _, X_test, _, y_test = digits_split()
+    answers = {}
+    for x, y in zip(X_test[:40], y_test[:40], strict=True):
+        status, body = http("POST", f"{gateway_url}/apps/{APP}/predict", {"features": x.tolist()})
+        assert status == 200, body
+        answers[body["query_id"]] = (body, str(y))
+
+    assert all(not b["default"] and b["error"] is None for b, _ in answers.values())
+    assert all(b["models"] == [f"{MODEL}@1"] for b, _ in answers.values())
+    accuracy = sum(b["label"] == y for b, y in answers.values()) / len(answers)
+    assert accuracy >= 0.9, accuracy  # answering another query's prediction would fail this
+    # the same predictions went to the topic, once each
+    on_topic = collect(reader, set(answers), timeout=30)
+    reader.close()
+    assert set(on_topic) == set(answers)
+    for qid, records in on_topic.items():
+        assert len(records) == 1
+        assert records[0]["label"] == answers[qid][0]["label"]
+
+    # a caller-chosen query id and user travel with the query
+    status, body = http(
+        "POST",
+        f"{gateway_url}/apps/{APP}/predict",
+        {"features": X_test[1].tolist(), "query_id": "rest-q-1", "user": "alice"},
+    )
+    assert (status, body["query_id"], body["user"]) == (200, "rest-q-1", "alice")
+
+
+def test_feedback_over_rest_reaches_the_feedback_topic(deployed: Settings, gateway_url: str):
+    _, X_test, _, y_test = digits_split()
+    status, body = http(
+        "POST", f"{gateway_url}/apps/{APP}/predict", {"features": X_test[5].tolist()}
+    )
+    assert status == 200
+    qid = body["query_id"]
+    status, ack = http(
+        "POST", f"{gateway_url}/apps/{APP}/feedback", {"query_id": qid, "label": int(y_test[5])}
+    )
+    assert (status, ack) == (202, {"query_id": qid, "accepted": True})
+
+    def delivered() -> list[dict]:
+        return [f for f in read_all(deployed, topics.FEEDBACK, "Feedback") if f["query_id"] == qid]
+
+    (record,) = wait_for(delivered, 30, "the feedback record")
+    assert record["app"] == APP and record["label"] == str(y_test[5])
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "reason"),
+    [
+        (f"/apps/{APP}/predict", b"{not json", 400, "not valid JSON"),
+        (f"/apps/{APP}/predict", b"[1, 2]", 400, "JSON object"),
+        (f"/apps/{APP}/predict", b"{}", 400, "'features'"),
+        (f"/apps/{APP}/predict", b'{"features": [1, 2, 3]}', 400, "expected 64 features"),
+        (f"/apps/{APP}/predict", b'{"features": ["a"]}', 400, "only numbers"),
+        (f"/apps/{APP}/predict", b'{"features": [1], "colour": 1}', 400, "unknown fields"),
+        ("/apps/no-such-app/predict", b'{"features": [1]}', 404, "unknown app"),
+        (f"/apps/{APP}/feedback", b'{"query_id": "x"}', 400, "'label' or 'reward'"),
+        (f"/apps/{APP}/feedback", b'{"query_id": "x", "reward": 3}', 400, "[0, 1]"),
+        ("/apps/no-such-app/feedback", b'{"query_id": "x", "label": 1}', 404, "unknown app"),
+    ],
+)
+def test_bad_requests_get_a_clear_reason(
+    gateway_url: str, path: str, body: bytes, status: int, reason: str
+) -> None:
+    got, answer = http("POST", gateway_url + path, raw=body)
+    assert got == status, answer
+    assert reason in answer["error"]
+
+
+def test_the_gateway_is_the_only_web_surface(gateway_url: str) -> None:
+    # Faust's own pages (table contents, stats, router) are switched off; its "/" is a
+    # bare health check
+    assert http("GET", gateway_url + "/") == (200, {"status": "OK"})
+    for path in ("/table/selection/", "/router/", "/graph/", "/stats/"):
+        try:
+            with urllib.request.urlopen(gateway_url + path, timeout=30) as response:
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        assert status == 404, path
+
+
+def test_a_query_nobody_serves_gets_the_default_over_rest(gateway_url: str) -> None:
+    status, body = http("POST", f"{gateway_url}/apps/{LONELY}/predict", {"features": [0.0] * 64})
+    assert status == 200
+    assert body["default"] is True and body["label"] == "7"
