@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer, KafkaError, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 
 from models.adapters import BatchOutput, ModelAdapter, SklearnAdapter
 from models.files import load_model
@@ -217,7 +217,12 @@ class Replica:
 
         def delivered(err: Any, _msg: Any, request: Message = msg) -> None:
             if err is None:
-                consumer.store_offsets(request)
+                try:
+                    consumer.store_offsets(request)
+                except KafkaException as exc:
+                    # the partition moved meanwhile (a rebalance, a broker restart): its next
+                    # owner serves the batch again and the worker drops the second answer
+                    log.warning("offset of batch %s not stored: %s", batch["batch_id"], exc)
             else:
                 log.error("answer to batch %s not delivered: %s", batch["batch_id"], err)
 

@@ -22,7 +22,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from models.registry import ControlFollower
 from selection import SelectionState
-from streams import codec, intake, metrics, topics
+from streams import codec, dedup, intake, metrics, topics
 from streams.config import Settings
 from streams.gateway import Gateway, free_port, mount
 from streams.pipeline import Pipeline, RawQuery, new_state, now_us
@@ -110,6 +110,11 @@ class Worker:
             web_graph_enabled=False,
             web_stats_enabled=False,
             table_standby_replicas=0,
+            # With streams.dedup a revoked partition's pending queries are dropped, not
+            # awaited: their answers could not arrive while the revocation waits (flow is
+            # stopped), so waiting would answer all of them with defaults at their deadline;
+            # the partition's next owner answers them instead.
+            stream_wait_empty=not settings.dedup,
         )
         self.table = self.app.Table(
             TABLE,
@@ -120,6 +125,15 @@ class Worker:
         self.states = TableStateStore(self.table)
         self.pipeline = Pipeline(settings, self.follower.registry, self.producer, self.states)
         self._wake = asyncio.Event()
+        # streams.dedup: query partitions whose answered ids are restored, and query batches
+        # held while a restore runs
+        self._restored: set[int] = set()
+        self._serving = asyncio.Event()
+        self._serving.set()
+        self._learning = asyncio.Event()
+        self._learning.set()
+        self._older: asyncio.Future[None] | None = None
+        self._held: list[Any] = []
         self._closed = threading.Event()
         self._define_agents()
         if settings.bulk_intake:
@@ -129,11 +143,12 @@ class Worker:
 
     def _define_agents(self) -> None:
         app, s, pipeline = self.app, self.settings, self.pipeline
-        queries = app.topic(topics.QUERIES, partitions=s.partitions)
+        queries = topics.QUERIES
+        queries_topic = app.topic(queries, partitions=s.partitions)
         responses = app.topic(topics.RESPONSES, partitions=s.partitions)
         feedback = app.topic(topics.FEEDBACK, partitions=s.partitions)
 
-        @app.agent(queries, name="intake")
+        @app.agent(queries_topic, name="intake")
         async def intake(stream: Any) -> None:
             # With the bulk intake (the default) the consumer hands query messages to
             # on_query_messages directly and this agent only declares the subscription.
@@ -164,6 +179,10 @@ class Worker:
         async def learn(stream: Any) -> None:
             async for event in stream.events():
                 message = event.message
+                if not self._learning.is_set():
+                    await self._learning.wait()  # answers are being restored (streams.dedup)
+                    if message.generation_id != app.consumer_generation_id:
+                        continue  # a rebalance came meanwhile: the next owner reads it again
                 try:
                     self.on_feedback(message)
                 except Exception as exc:  # nor a bad feedback record the feedback agent
@@ -188,12 +207,89 @@ class Worker:
         @app.on_partitions_revoked.connect
         async def revoked(app: Any, revoked: Any, **kwargs: Any) -> None:
             self.states.cache.clear()
+            if s.dedup:
+                self.let_go({tp.partition for tp in revoked if tp.topic == queries})
+
+        @app.on_before_shutdown.connect
+        async def shutting_down(app: Any, **kwargs: Any) -> None:
+            if s.dedup:
+                self.let_go(set(range(s.partitions)))
 
         @app.on_partitions_assigned.connect
         async def assigned(app: Any, assigned: Any, **kwargs: Any) -> None:
             self.states.cache.clear()
+            if s.dedup:
+                await self.restore({tp.partition for tp in assigned if tp.topic == queries})
+
+    def let_go(self, partitions: set[int]) -> None:
+        """Query partitions this worker no longer serves: drop their unanswered queries
+        (unacknowledged, so the next owner reads and answers them) and deliver every
+        prediction already produced, so that the next owner's restore finds it."""
+        self._held = [m for m in self._held if m.partition not in partitions]
+        dropped = self.pipeline.drop_partitions(partitions)
+        left = self.producer.flush(30)
+        log.info("let go of %s: %d pending queries dropped", sorted(partitions), dropped)
+        if left:
+            log.error("%d predictions not delivered before letting go of partitions", left)
+
+    async def restore(self, partitions: set[int]) -> None:
+        """Before serving newly assigned query partitions, learn which of their queries were
+        answered (and with what) from the predictions topic (streams.dedup). Queries wait
+        only for the recent predictions a redelivered query can have; feedback also waits
+        for the older ones its answer memory needs, read in the background. Partitions kept
+        through a rebalance need nothing: this worker produced their predictions."""
+        new = partitions - self._restored
+        self._restored = set(partitions)
+        if not new:
+            return
+        if self._older is not None:
+            await self._older  # one restore at a time
+        group = self.app.conf.id
+        self._serving.clear()
+        self._learning.clear()
+        older: dict[int, tuple[int, int]] = {}
+        try:
+            plan = await asyncio.to_thread(dedup.plan, self.settings, new, group)
+            older = plan.older
+            await self._restore_range(plan.recent, new, "recent")
+        except Exception:
+            # serving on is better than stopping; a redelivered query may then be answered
+            # twice, which the SDK's reader still removes
+            log.exception("restoring answered queries of %s failed", sorted(new))
+        finally:
+            self._serving.set()
+            held, self._held = self._held, []
+            if held:
+                self.on_query_messages(held)
+        self._older = asyncio.ensure_future(self._restore_older(older, new))
+
+    async def _restore_older(self, ranges: dict[int, tuple[int, int]], new: set[int]) -> None:
+        try:
+            await self._restore_range(ranges, new, "older")
+        except Exception:
+            log.exception("restoring the answer memory of %s failed", sorted(new))
+        finally:
+            self._learning.set()
+            self._older = None
+
+    async def _restore_range(
+        self, ranges: dict[int, tuple[int, int]], new: set[int], what: str
+    ) -> None:
+        found, done = await asyncio.to_thread(dedup.read, self.settings, ranges, self.app.conf.id)
+        for qid, remembered in found:
+            self.pipeline.restore(qid, remembered)
+        log.warning(
+            "restored %d %s predictions of partitions %s in %.2f s",
+            done.predictions,
+            what,
+            sorted(new),
+            done.seconds,
+        )
 
     def on_query_messages(self, messages: list[Any]) -> None:
+        if not self._serving.is_set():
+            self._held.extend(messages)
+            return
         consumer = self.app.consumer
         raws = [
             RawQuery(m.value, m.key, m.partition, m.offset, partial(m.ack, consumer))

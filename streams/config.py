@@ -40,6 +40,9 @@ class Settings:
     cache_size: int = 100_000
     answer_memory: int = 200_000
     answer_ttl_s: float = 3600.0
+    # rebuild emitted ids and answers from the predictions topic on partition assignment
+    # (streams.dedup); off only to measure what it costs
+    dedup: bool = True
     trust_pickle: bool = False
     #: comma-separated types a skops model file may need beyond the built-in allowlist
     trusted_types: str | None = None

@@ -526,7 +526,7 @@ class Pipeline:
             "worker_us": now - p.intake_us,
         }
         self.remember(p)
-        self._produce_prediction(record, p.key, p.ack, now)
+        self._produce_prediction(record, p.key, p.ack, now, partition=p.partition)
         metrics.PREDICTIONS.labels(p.app, outcome).inc()
 
     def _emit_error(self, q: dict[str, Any], raw: RawQuery, reason: str, now: int) -> None:
@@ -547,7 +547,12 @@ class Pipeline:
             "worker_us": 0,
         }
         self._produce_prediction(
-            record, selection_key(q["app"], q["user"]), raw.ack, now, outcome="error"
+            record,
+            selection_key(q["app"], q["user"]),
+            raw.ack,
+            now,
+            outcome="error",
+            partition=raw.partition,
         )
         self._mark_emitted(q["query_id"])
 
@@ -558,6 +563,7 @@ class Pipeline:
         ack: Callable[[], None] | None,
         now: int,
         outcome: str | None = None,
+        partition: int = -1,
     ) -> None:
         value = codec.encode("Prediction", record)
 
@@ -568,7 +574,12 @@ class Pipeline:
                 # Not acked: the query is read again after a restart rather than lost.
                 log.error("prediction %s not delivered: %s", record["query_id"], err)
 
-        self.producer.produce(topics.PREDICTIONS, value, key.encode(), on_delivery=delivered)
+        # A prediction goes to its query's partition number (streams.dedup rebuilds the
+        # emitted ids of a query partition from the same predictions partition).
+        where = {"partition": partition} if partition >= 0 else {}
+        self.producer.produce(
+            topics.PREDICTIONS, value, key.encode(), on_delivery=delivered, **where
+        )
         self._mark_emitted(record["query_id"])
         self.counts["predictions"] += 1
         if outcome is not None:
@@ -595,6 +606,23 @@ class Pipeline:
         )
         if len(self.memory) > self.settings.answer_memory:
             self.memory.popitem(last=False)
+
+    def drop_partitions(self, partitions: set[int]) -> int:
+        """Forget the unanswered queries of these partitions without acknowledging them (the
+        partitions' next owner reads them again); their late answers are ignored."""
+        gone = [qid for qid, p in self.pending.items() if p.partition in partitions]
+        for qid in gone:
+            del self.pending[qid]
+        return len(gone)
+
+    def restore(self, qid: str, remembered: Remembered | None) -> None:
+        """A prediction found on the predictions topic: never emit ``qid`` again, and keep
+        its answers for its feedback (see streams.dedup)."""
+        self._mark_emitted(qid)
+        if remembered is not None:
+            self.memory[qid] = remembered
+            if len(self.memory) > self.settings.answer_memory:
+                self.memory.popitem(last=False)
 
     def recall(self, qid: str, now: int | None = None) -> Remembered | None:
         found = self.memory.get(qid)

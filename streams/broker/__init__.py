@@ -538,6 +538,23 @@ class EmbeddedBroker:
             shutil.rmtree(self._data_dir, ignore_errors=True)
             self._data_dir = None
 
+    def restart(self, timeout: float = 120.0, *, crash: bool = False) -> None:
+        """Stop the broker (SIGKILL if ``crash``, else a clean SIGTERM) and start it again on
+        the same ports and log dir, so topics, data and committed offsets survive; clients
+        reconnect on their own. For fault tests."""
+        if crash and self.running():
+            assert self.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self._terminate(timeout)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        self._keep_cds_archive()
+        atexit.unregister(self.stop)
+        self._launch(timeout)
+
     def _keep_cds_archive(self) -> None:
         dump, self._cds_dump = self._cds_dump, None
         if dump is None:
