@@ -117,6 +117,11 @@ class SklearnAdapter(ModelAdapter):
         if out.ndim == 1:  # binary decision_function: one signed margin per row
             picks = (out > 0).astype(int)
             return [self._classes[p] for p in picks], out.reshape(-1, 1)
+        if out.ndim != 2 or out.shape[1] != len(self._classes):
+            raise ValueError(
+                f"{self.method} returned shape {out.shape}; expected (rows, "
+                f"{len(self._classes)}) for {len(self._classes)} classes"
+            )
         return [self._classes[p] for p in out.argmax(axis=1)], out
 
 

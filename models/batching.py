@@ -3,6 +3,7 @@ and delayed batching (a short window in which a batch may fill)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -104,6 +105,16 @@ class Batcher(Generic[T]):
         if should_flush(len(self._items), self.controller.max_batch, age, self.window):
             return self.flush()
         return None
+
+    def retain(self, keep: Callable[[T], bool]) -> int:
+        """Drop the waiting items ``keep`` rejects (e.g. queries already answered at their
+        deadline), so a model that cannot keep up does not grow this queue without bound;
+        returns how many were dropped."""
+        before = len(self._items)
+        self._items = [item for item in self._items if keep(item)]
+        if not self._items:
+            self._oldest_us = None
+        return before - len(self._items)
 
     def flush(self) -> list[T]:
         """Up to one batch of the waiting items, oldest first. Items left behind keep the

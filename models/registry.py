@@ -7,6 +7,7 @@ key wins (the topic is compacted), and reading it to the end rebuilds the whole 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -89,6 +90,8 @@ class ControlFollower:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # notified after each read, for wait_until()
+        self._advanced = threading.Condition()
 
     def sync(self, timeout: float = 30.0) -> Registry:
         """Read up to the current end of the control topic."""
@@ -121,6 +124,26 @@ class ControlFollower:
                     if self.on_change is not None:
                         self.on_change(record)
                 self._next_offset = msg.offset() + 1
+        with self._advanced:
+            self._advanced.notify_all()
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait up to ``timeout`` for the follower thread to read records that make
+        ``predicate`` true. For callers on other threads once ``start()`` ran: ``sync()``
+        there would share the consumer with the follower thread, and its watermark query
+        was seen to block for good while the thread consumed."""
+        if self._thread is None or not self._thread.is_alive():
+            with contextlib.suppress(TimeoutError):
+                self.sync(timeout)
+            return predicate()
+        deadline = time.monotonic() + timeout
+        with self._advanced:
+            while not predicate():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._advanced.wait(min(remaining, 0.2))
+        return True
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="control-follower", daemon=True)

@@ -50,7 +50,9 @@ class Replica:
         self.model = model
         self.replica_id = replica_id or f"{socket.gethostname()}-{os.getpid()}"
         self.trust_pickle = trust_pickle or settings.trust_pickle
-        self.trusted_types = trusted_types
+        self.trusted_types = (
+            trusted_types if trusted_types is not None else settings.trusted_type_list()
+        )
         # version -> adapter; pre-filled adapters let tests serve callables without files
         self._adapters: dict[int, ModelAdapter] = dict(adapters or {})
         self._failed: dict[int, str] = {}
@@ -71,9 +73,12 @@ class Replica:
             return self._failed[version]
         spec = self.follower.registry.version_spec(self.model, version)
         if spec is None and time.monotonic() >= self._unknown_until.get(version, 0.0):
-            # a batch can overtake the deploy record on its way here: read up once
-            self.follower.sync(10)
-            spec = self.follower.registry.version_spec(self.model, version)
+            # a batch can overtake the deploy record on its way here: wait for it once
+            registry = self.follower.registry
+            self.follower.wait_until(
+                lambda: registry.version_spec(self.model, version) is not None, 2.0
+            )
+            spec = registry.version_spec(self.model, version)
             if spec is None:
                 self._unknown_until[version] = time.monotonic() + 5.0
         if spec is None:
@@ -128,7 +133,9 @@ class Replica:
         finished = now_us()
         metrics.REPLICA_BATCHES.labels(self.model).inc()
         metrics.REPLICA_BATCH_SIZE.labels(self.model).observe(n)
-        metrics.REPLICA_ROWS.labels(self.model, str(batch["version"])).inc(n)
+        # a version this replica cannot serve gets one label, whatever a batch claims
+        version = "unknown" if isinstance(adapter, str) else str(batch["version"])
+        metrics.REPLICA_ROWS.labels(self.model, version).inc(n)
         metrics.REPLICA_MODEL_LATENCY.labels(self.model).observe((finished - started) / 1e6)
         metrics.REPLICA_QUEUE_LATENCY.labels(self.model).observe(
             max(0, started - batch["sent_at_us"]) / 1e6

@@ -306,7 +306,11 @@ class Worker:
         pipeline = self.pipeline
         raw = RawQuery(message.value, message.key, message.partition, message.offset)
         if codec.kind_of(message.value, ("SelectionSnapshot",)):
-            self.install_snapshot(codec.decode("SelectionSnapshot", message.value))
+            try:
+                self.install_snapshot(codec.decode("SelectionSnapshot", message.value))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:  # DecodeError too
+                reason = f"invalid selection snapshot: {type(exc).__name__}: {exc}"
+                pipeline.dead_letter(topics.FEEDBACK, raw, reason, "feedback")
             return
         try:
             fb = codec.decode("Feedback", message.value)
@@ -321,21 +325,28 @@ class Worker:
             reason = f"feedback for unknown or expired query {fb['query_id']!r}"
         elif app is None:
             reason = f"feedback for unknown app {fb['app']!r}"
+        elif fb["app"] != remembered.app:  # else it would reshape another app's state
+            reason = (
+                f"feedback names app {fb['app']!r}; query {fb['query_id']!r} was for app "
+                f"{remembered.app!r}"
+            )
         elif fb["label"] is None and fb["reward"] is None:
             reason = "feedback carries neither a label nor a reward"
+        elif fb["label"] is None and not 0.0 <= fb["reward"] <= 1.0:  # also NaN
+            reason = f"reward must be a number in [0, 1], got {fb['reward']}"
         if reason is not None:
-            metrics.FEEDBACK.labels(fb["app"], "rejected").inc()
+            metrics.FEEDBACK.labels(pipeline.app_label(fb["app"]), "rejected").inc()
             pipeline.dead_letter(topics.FEEDBACK, raw, reason, "feedback", fb["query_id"])
             return
         assert remembered is not None and app is not None
         state = self.states.state_for(remembered.key, app)
         if not state.should_apply(message.partition, message.offset):
-            metrics.FEEDBACK.labels(fb["app"], "replayed").inc()
+            metrics.FEEDBACK.labels(pipeline.app_label(fb["app"]), "replayed").inc()
             return
         state.learn(remembered.labels, fb["label"], remembered.probs, reward=fb["reward"])
         state.mark_applied(message.partition, message.offset)
         self.table[remembered.key] = state.to_state()
-        metrics.FEEDBACK.labels(fb["app"], "applied").inc()
+        metrics.FEEDBACK.labels(pipeline.app_label(fb["app"]), "applied").inc()
         for model, weight in state.weights().items():
             metrics.BANDIT_WEIGHT.labels(remembered.key, model).set(weight)
 

@@ -123,12 +123,24 @@ def worker(
 @click.option("--model", "model", required=True, help="the model this replica serves")
 @click.option("--metrics-port", type=int, default=None, help="Prometheus port (0: a free one)")
 @click.option("--trust-pickle", is_flag=True, help="allow pickle/joblib model files")
-def replica(model: str, metrics_port: int | None, trust_pickle: bool) -> None:
+@click.option(
+    "--trusted-type",
+    "trusted_types",
+    multiple=True,
+    help="a type a skops model file may load beyond sklearn/numpy/scipy (repeatable)",
+)
+def replica(
+    model: str, metrics_port: int | None, trust_pickle: bool, trusted_types: tuple[str, ...]
+) -> None:
     """Run one replica of a model (a member of its consumer group)."""
     from models.replica import Replica, serve_forever
     from streams import metrics
 
-    settings = settings_for(metrics_port=metrics_port, trust_pickle=trust_pickle or None)
+    settings = settings_for(
+        metrics_port=metrics_port,
+        trust_pickle=trust_pickle or None,
+        trusted_types=",".join(trusted_types) or None,
+    )
     port = metrics.serve(settings.metrics_port)
     logging.getLogger("clipstream.replica").warning("metrics on :%d", port)
     serve_forever(Replica(settings, model))

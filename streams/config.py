@@ -44,6 +44,8 @@ class Settings:
     # (streams.dedup); off only to measure what it costs
     dedup: bool = True
     trust_pickle: bool = False
+    #: comma-separated types a skops model file may need beyond the built-in allowlist
+    trusted_types: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -69,6 +71,9 @@ class Settings:
                 "`clipstream broker start`"
             )
         return self.bootstrap
+
+    def trusted_type_list(self) -> list[str]:
+        return [t.strip() for t in (self.trusted_types or "").split(",") if t.strip()]
 
     def kafka(self, **extra: Any) -> dict[str, Any]:
         """librdkafka configuration (confluent-kafka)."""

@@ -39,6 +39,12 @@ log = logging.getLogger("clipstream.pipeline")
 MAX_CLOCK_SKEW_US = 60_000_000
 # A batch unanswered this long no longer holds one of its model's in-flight slots.
 INFLIGHT_TIMEOUT_US = 10_000_000
+# How often queued rows of queries already answered at their deadline are dropped.
+PRUNE_INTERVAL_US = 50_000
+# A query may not ask for a longer deadline than this: its pending state is held that long.
+MAX_DEADLINE_MS = 600_000
+#: metrics label for an app or model name that is not registered
+UNKNOWN = "(unknown)"
 
 
 def now_us() -> int:
@@ -167,6 +173,7 @@ class Pipeline:
         self._inflight_batches: OrderedDict[str, tuple[str, int, int]] = OrderedDict()
         #: live replicas per model (consumer-group members), kept current by the worker
         self.replicas: dict[str, int] = {}
+        self._next_prune_us = 0
         # recently emitted ids: a redelivered query or a late answer must not emit twice
         self.emitted: OrderedDict[str, None] = OrderedDict()
         self.memory: OrderedDict[str, Remembered] = OrderedDict()
@@ -202,7 +209,7 @@ class Pipeline:
             return
         qid = q["query_id"]
         self.counts["queries"] += 1
-        _child(metrics.QUERIES, q["app"]).inc()
+        _child(metrics.QUERIES, self.app_label(q["app"])).inc()
         if qid in self.pending or qid in self.emitted:
             self.counts["duplicates"] += 1
             self._ack(raw.ack)
@@ -250,9 +257,16 @@ class Pipeline:
                 if hit is not None:
                     p.answers[name] = hit
                     continue
+            if p.deadline_us <= now:
+                # read after its deadline (the intake is behind): a model's answer would
+                # come too late, so its row must not take a place in the model's queue
+                continue
             self._batcher(name, version, raw.partition, spec).add(qid, now)
         self.pending[qid] = p
         if len(p.answers) == len(p.probs):
+            self._emit(p, now)
+        elif p.deadline_us <= now:
+            metrics.DEADLINE_MISSES.labels(p.app).inc()
             self._emit(p, now)
         else:
             heapq.heappush(self._deadlines, (p.deadline_us, qid))
@@ -263,6 +277,8 @@ class Pipeline:
         features = q["features"]
         if not features and q["raw"] is None and q["text"] is None:
             return "query has no input: features, raw and text are all empty"
+        if q["deadline_ms"] is not None and not 0 < q["deadline_ms"] <= MAX_DEADLINE_MS:
+            return f"deadline_ms must be in (0, {MAX_DEADLINE_MS}], got {q['deadline_ms']}"
         dim = app["input_dim"]
         if dim is None:
             spec = self.registry.version_spec(app["models"][0])
@@ -295,6 +311,12 @@ class Pipeline:
         """Flush due batches and expire due deadlines; returns when to tick next (us)."""
         now = now or now_us()
         self._expire_inflight(now)
+        if now >= self._next_prune_us:
+            self._next_prune_us = now + PRUNE_INTERVAL_US
+            pending = self.pending
+            for batcher in self.batchers.values():
+                if batcher.pending:
+                    batcher.retain(lambda qid: qid in pending)
         wake: int | None = None
         for (model, version, partition), batcher in self.batchers.items():
             while batcher.pending and self._may_send(model):
@@ -342,11 +364,18 @@ class Pipeline:
     def _send_batch(
         self, model: str, version: int, partition: int, qids: list[str], now: int
     ) -> None:
-        rows = [self.pending[q].features for q in qids if q in self.pending]
         qids = [q for q in qids if q in self.pending]
         if not qids:
             return
-        X = np.asarray(rows, dtype="<f8")
+        # Without a known input dimension rows may differ in length: one matrix per width,
+        # and the replica tells each row whether its width fits the model.
+        width = len(self.pending[qids[0]].features)
+        other = [q for q in qids if len(self.pending[q].features) != width]
+        if other:
+            qids = [q for q in qids if len(self.pending[q].features) == width]
+            self._send_batch(model, version, partition, other, now)
+        rows = [self.pending[q].features for q in qids]
+        X = np.asarray(rows, dtype="<f8").reshape(len(qids), width)
         batch_id = uuid.uuid4().hex
         deadline = min(self.pending[q].deadline_us for q in qids)
         batch = {
@@ -380,6 +409,15 @@ class Pipeline:
             )
             return
         model = result["model"]
+        malformed = _malformed_result(result)
+        if malformed is not None:
+            # its queries are answered at their deadline
+            if self._inflight_batches.pop(result["batch_id"], None) is not None:
+                self.inflight[model] = max(0, self.inflight.get(model, 0) - 1)
+            self.dead_letter(
+                topics.RESPONSES, RawQuery(value, None, partition, offset), malformed, "merge"
+            )
+            return
         sent = self._inflight_batches.pop(result["batch_id"], None)
         if sent is not None:
             self.inflight[model] = max(0, self.inflight.get(model, 0) - 1)
@@ -402,9 +440,12 @@ class Pipeline:
                 model, result["version"], result["labels"][i], row, classes, result["errors"][i]
             )
             p = self.pending.get(qid)
-            if p is None or p.done:
+            if p is None or p.done or model not in p.probs or model in p.answers:
+                # late, or from a model this query did not ask (a stray or forged answer)
                 self.counts["late_answers"] += 1
-                metrics.LATE_ANSWERS.labels(model).inc()
+                metrics.LATE_ANSWERS.labels(
+                    model if self.registry.model(model) is not None else UNKNOWN
+                ).inc()
                 continue
             if answer.error is None and model in p.versions and self._caches(p.app):
                 cached = Answer(
@@ -542,10 +583,12 @@ class Pipeline:
         self._mark_emitted(record["query_id"])
         self.counts["predictions"] += 1
         if outcome is not None:
-            metrics.PREDICTIONS.labels(record["app"], outcome).inc()
+            metrics.PREDICTIONS.labels(self.app_label(record["app"]), outcome).inc()
         sent = record["sent_at_us"]
         if sent and abs(now - sent) < MAX_CLOCK_SKEW_US:
-            _child(metrics.E2E_LATENCY, record["app"]).observe(max(0, now - sent) / 1e6)
+            _child(metrics.E2E_LATENCY, self.app_label(record["app"])).observe(
+                max(0, now - sent) / 1e6
+            )
         _child(metrics.STAGE_LATENCY, "worker").observe(record["worker_us"] / 1e6)
 
     def _mark_emitted(self, qid: str) -> None:
@@ -622,6 +665,11 @@ class Pipeline:
             on_delivery=lambda err, _msg: self._ack(ack) if err is None else None,
         )
 
+    def app_label(self, app: str) -> str:
+        """The metrics label for an app name from a message: names that are not registered
+        share one label, so bad input cannot grow the metrics without bound."""
+        return app if self.registry.app(app) is not None else UNKNOWN
+
     def _caches(self, app: str) -> bool:
         """Whether ``app`` uses the prediction cache (no point filling it otherwise)."""
         spec = self.registry.app(app)
@@ -631,6 +679,22 @@ class Pipeline:
     def _ack(ack: Callable[[], None] | None) -> None:
         if ack is not None:
             ack()
+
+
+def _malformed_result(result: Mapping[str, Any]) -> str | None:
+    """Why a decoded ModelBatchResult cannot be joined to its queries, or None."""
+    n = len(result["query_ids"])
+    if len(result["labels"]) != n or len(result["errors"]) != n:
+        return (
+            f"malformed ModelBatchResult from {result['model']}: {n} query ids, "
+            f"{len(result['labels'])} labels, {len(result['errors'])} errors"
+        )
+    size = len(result["scores"])
+    if size % 8 or (n and (size // 8) % n) or (size and not n):
+        return (
+            f"malformed ModelBatchResult from {result['model']}: {size} bytes of scores, {n} rows"
+        )
+    return None
 
 
 @functools.lru_cache(maxsize=4096)
