@@ -311,6 +311,14 @@ class Pipeline:
         """Flush due batches and expire due deadlines; returns when to tick next (us)."""
         now = now or now_us()
         self._expire_inflight(now)
+        # Deadlines first: rows of queries answered with a default just now are pruned
+        # below, and never sent to a model whose answer would come too late.
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, qid = heapq.heappop(self._deadlines)
+            p = self.pending.get(qid)
+            if p is not None and not p.done:
+                metrics.DEADLINE_MISSES.labels(p.app).inc()
+                self._emit(p, now)
         if now >= self._next_prune_us:
             self._next_prune_us = now + PRUNE_INTERVAL_US
             pending = self.pending
@@ -332,12 +340,6 @@ class Pipeline:
             if nxt is not None:
                 wake = int(nxt) if wake is None else min(wake, int(nxt))
             metrics.QUEUE_DEPTH.labels(model).set(batcher.pending)
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, qid = heapq.heappop(self._deadlines)
-            p = self.pending.get(qid)
-            if p is not None and not p.done:
-                metrics.DEADLINE_MISSES.labels(p.app).inc()
-                self._emit(p, now)
         if self._deadlines:
             first = self._deadlines[0][0]
             wake = first if wake is None else min(wake, first)
@@ -360,6 +362,14 @@ class Pipeline:
                 break
             del self._inflight_batches[batch_id]
             self.inflight[model] = max(0, self.inflight.get(model, 0) - 1)
+
+    def _release(self, batch_id: str) -> tuple[str, int, int] | None:
+        """Free the slot of an answered batch: the slot of the model the batch was sent to,
+        whatever model the answer names (a stray answer must not leak a slot)."""
+        sent = self._inflight_batches.pop(batch_id, None)
+        if sent is not None:
+            self.inflight[sent[0]] = max(0, self.inflight.get(sent[0], 0) - 1)
+        return sent
 
     def _send_batch(
         self, model: str, version: int, partition: int, qids: list[str], now: int
@@ -412,15 +422,13 @@ class Pipeline:
         malformed = _malformed_result(result)
         if malformed is not None:
             # its queries are answered at their deadline
-            if self._inflight_batches.pop(result["batch_id"], None) is not None:
-                self.inflight[model] = max(0, self.inflight.get(model, 0) - 1)
+            self._release(result["batch_id"])
             self.dead_letter(
                 topics.RESPONSES, RawQuery(value, None, partition, offset), malformed, "merge"
             )
             return
-        sent = self._inflight_batches.pop(result["batch_id"], None)
-        if sent is not None:
-            self.inflight[model] = max(0, self.inflight.get(model, 0) - 1)
+        sent = self._release(result["batch_id"])
+        if sent is not None and sent[0] == model:
             controller = self.controllers.get(model)
             if controller is not None:
                 metrics.BATCH_MAX.labels(model).set(
