@@ -59,6 +59,11 @@ BATCH_SIZE = Histogram(
 )
 BATCH_MAX = Gauge("clipstream_batch_max", "Current AIMD batch-size limit", ["model"])
 QUEUE_DEPTH = Gauge("clipstream_batcher_queue_depth", "Rows waiting in a batcher", ["model"])
+HOPELESS_ROWS = Counter(
+    "clipstream_hopeless_rows_total",
+    "Rows not sent to a busy model because its answer could not come before the deadline",
+    ["model"],
+)
 LATE_ANSWERS = Counter(
     "clipstream_late_answers_total",
     "Model answers that arrived after their query was emitted",

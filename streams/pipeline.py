@@ -173,6 +173,8 @@ class Pipeline:
         self._inflight_batches: OrderedDict[str, tuple[str, int, int]] = OrderedDict()
         #: live replicas per model (consumer-group members), kept current by the worker
         self.replicas: dict[str, int] = {}
+        #: per model, a moving average of a batch's round trip (sent to answered), in us
+        self.round_trip_us: dict[str, float] = {}
         self._next_prune_us = 0
         # recently emitted ids: a redelivered query or a late answer must not emit twice
         self.emitted: OrderedDict[str, None] = OrderedDict()
@@ -185,6 +187,7 @@ class Pipeline:
             "dead_letters": 0,
             "duplicates": 0,
             "late_answers": 0,
+            "hopeless_rows": 0,
         }
 
     # -- intake -------------------------------------------------------------------------
@@ -375,6 +378,17 @@ class Pipeline:
         self, model: str, version: int, partition: int, qids: list[str], now: int
     ) -> None:
         qids = [q for q in qids if q in self.pending]
+        trip = self.round_trip_us.get(model)
+        if trip is not None and self.inflight.get(model, 0) > 0:
+            # Overload: a busy model's queue is oldest first, so rows whose deadline comes
+            # before a batch could return would use the model's time and still end as
+            # defaults, starving the rows that can make it. An idle model gets every row
+            # (and so keeps measuring its round trip).
+            feasible = [q for q in qids if self.pending[q].deadline_us - now >= trip]
+            if len(feasible) < len(qids):
+                self.counts["hopeless_rows"] += len(qids) - len(feasible)
+                _child(metrics.HOPELESS_ROWS, model).inc(len(qids) - len(feasible))
+                qids = feasible
         if not qids:
             return
         # Without a known input dimension rows may differ in length: one matrix per width,
@@ -429,6 +443,9 @@ class Pipeline:
             return
         sent = self._release(result["batch_id"])
         if sent is not None and sent[0] == model:
+            trip = float(now - sent[2])
+            last = self.round_trip_us.get(model)
+            self.round_trip_us[model] = trip if last is None else 0.8 * last + 0.2 * trip
             controller = self.controllers.get(model)
             if controller is not None:
                 metrics.BATCH_MAX.labels(model).set(

@@ -278,3 +278,24 @@ def test_a_straggler_is_recorded_in_the_answers_and_remembered_as_a_loss() -> No
     assert by_model["m2"]["label"] is None and "deadline" in by_model["m2"]["error"]
     assert by_model["m2"]["prob"] == pytest.approx(0.5)
     assert pipe.recall("q").labels == {"m1": "1", "m2": None}
+
+
+def test_a_busy_model_is_not_sent_rows_that_cannot_come_back_in_time(setup) -> None:
+    pipe, producer, _ = setup
+    pipe.round_trip_us["m1"] = 50_000  # a batch takes 50 ms there and back
+    pipe.inflight["m1"] = 1  # and the model is busy
+    start = now_us()
+    pipe.on_queries(
+        [
+            RawQuery(query("soon", [1.0, 2.0, 3.0], deadline_ms=10), b"app", 0, 0),
+            RawQuery(query("later", [1.0, 2.0, 3.0], deadline_ms=60_000), b"app", 0, 1),
+        ],
+        start,
+    )
+    pipe.tick(start + 5_000)  # the batch window ran out
+    sent = producer.on(topics.model_requests("m1"), "ModelBatch")
+    assert [b["query_ids"] for b in sent] == [["later"]]
+    assert pipe.counts["hopeless_rows"] == 1
+    pipe.tick(start + 20_000)  # "soon" still gets its one prediction: the default
+    (soon,) = producer.on(topics.PREDICTIONS, "Prediction")
+    assert soon["query_id"] == "soon" and soon["default"]
