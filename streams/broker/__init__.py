@@ -528,12 +528,7 @@ class EmbeddedBroker:
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the broker's process group, SIGKILL after ``timeout``; idempotent. Removes
         the data dir if this object created it."""
-        self._terminate(timeout)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        self._keep_cds_archive()
-        atexit.unregister(self.stop)
+        self._shut_down(timeout)
         if self._own_data_dir and self._data_dir is not None and not self.detached:
             shutil.rmtree(self._data_dir, ignore_errors=True)
             self._data_dir = None
@@ -547,13 +542,17 @@ class EmbeddedBroker:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        self._shut_down(timeout)
+        self._launch(timeout)
+
+    def _shut_down(self, timeout: float) -> None:
+        """Stop the process and release what belongs to it; the data dir stays."""
         self._terminate(timeout)
         if self._log is not None:
             self._log.close()
             self._log = None
         self._keep_cds_archive()
         atexit.unregister(self.stop)
-        self._launch(timeout)
 
     def _keep_cds_archive(self) -> None:
         dump, self._cds_dump = self._cds_dump, None
