@@ -24,7 +24,7 @@ from streams.app import Worker
 from streams.config import Settings
 from streams.pipeline import MAX_DEADLINE_MS, DictStateStore, Pipeline, RawQuery, now_us
 from tests.unit.fuzz_counts import report_inputs, tried
-from tests.unit.test_pipeline import RecordingProducer, make_registry
+from tests.unit.test_pipeline import RecordingProducer, make_registry, result_for
 
 pytestmark = pytest.mark.usefixtures("report_inputs")
 __all__ = ["report_inputs"]
@@ -110,19 +110,7 @@ def play_replicas(pipe: Pipeline, producer: RecordingProducer, modes: list[str])
         n = batch["rows"]
         assert len(batch["inputs"]) == 8 * n * batch["cols"]  # a well-formed matrix
         mode = modes[i % len(modes)] if modes else "ok"
-        result = {
-            "batch_id": batch["batch_id"],
-            "model": batch["model"],
-            "version": batch["version"],
-            "replica": "r",
-            "query_ids": batch["query_ids"],
-            "labels": ["1"] * n,
-            "classes": ["0", "1"],
-            "scores": np.tile([0.2, 0.8], (n, 1)).tobytes(),
-            "errors": [None] * n,
-            "batch_sent_at_us": batch["sent_at_us"],
-            "model_us": 100,
-        }
+        result = result_for(batch)
         if mode == "silent":
             continue
         if mode == "bytes":

@@ -117,22 +117,27 @@ def answer_batches(
     producer.sent = [s for s in producer.sent if not wanted(s)]
     for _, value, _, _ in requests:
         batch = codec.decode("ModelBatch", value)
-        rows = batch["rows"]
-        result = {
-            "batch_id": batch["batch_id"],
-            "model": batch["model"],
-            "version": batch["version"],
-            "replica": "r",
-            "query_ids": batch["query_ids"],
-            "labels": [label] * rows,
-            "classes": ["0", "1"],
-            "scores": np.tile([0.2, 0.8], (rows, 1)).tobytes(),
-            "errors": [None] * rows,
-            "batch_sent_at_us": batch["sent_at_us"],
-            "model_us": 100,
-        }
+        result = result_for(batch, label)
         pipe.on_result(codec.encode("ModelBatchResult", result), batch["reply_partition"])
     return len(requests)
+
+
+def result_for(batch: dict, label: str = "1") -> dict:
+    """A replica's answer to ``batch``: ``label`` with score 0.8 for every row."""
+    rows = batch["rows"]
+    return {
+        "batch_id": batch["batch_id"],
+        "model": batch["model"],
+        "version": batch["version"],
+        "replica": "r",
+        "query_ids": batch["query_ids"],
+        "labels": [label] * rows,
+        "classes": ["0", "1"],
+        "scores": np.tile([0.2, 0.8], (rows, 1)).tobytes(),
+        "errors": [None] * rows,
+        "batch_sent_at_us": batch["sent_at_us"],
+        "model_us": 100,
+    }
 
 
 @pytest.fixture
