@@ -55,19 +55,37 @@ def prediction_for(query: dict[str, Any], label: str | None, score: float | None
     )
 
 
-def run(settings: Settings, prefix: str, stop: list[bool]) -> None:
-    names = topics_for(prefix)
+def loop_clients(settings: Settings, group: str) -> tuple[Consumer, Producer]:
+    """The consumer and producer of a hand-written loop, tuned like clipstream's own
+    clients (short fetch wait, 1 ms linger) so the comparison is about the loop."""
     consumer = Consumer(
         settings.kafka(
             **{
-                "group.id": f"{prefix}-relay",
+                "group.id": group,
                 "auto.offset.reset": "earliest",
                 "fetch.wait.max.ms": 5,
                 "enable.partition.eof": False,
             }
         )
     )
-    producer = Producer(settings.kafka(**{"linger.ms": 1}))
+    return consumer, Producer(settings.kafka(**{"linger.ms": 1}))
+
+
+def stop_on_signal() -> list[bool]:
+    """A flag set by SIGTERM or SIGINT, which the loops check between messages."""
+    stop = [False]
+
+    def on_signal(*_: Any) -> None:
+        stop[0] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
+def run(settings: Settings, prefix: str, stop: list[bool]) -> None:
+    names = topics_for(prefix)
+    consumer, producer = loop_clients(settings, f"{prefix}-relay")
     nxt = {names["queries"]: names["hop1"], names["hop1"]: names["hop2"]}
     consumer.subscribe([names["queries"], names["hop1"], names["hop2"]])
     try:
@@ -93,14 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prefix", default="bench.floor")
     args = parser.parse_args()
-    stop = [False]
-
-    def on_signal(*_: Any) -> None:
-        stop[0] = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    run(Settings.from_env(), args.prefix, stop)
+    run(Settings.from_env(), args.prefix, stop_on_signal())
 
 
 if __name__ == "__main__":

@@ -10,32 +10,19 @@ Run as ``python -m streams.bench.naive --model FILE.skops --prefix bench.naive``
 from __future__ import annotations
 
 import argparse
-import signal
-from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer, Producer
 
 from models.files import load_model
 from streams import codec
-from streams.bench.floor import prediction_for
+from streams.bench.floor import loop_clients, prediction_for, stop_on_signal
 from streams.config import Settings
 
 
 def run(settings: Settings, model_path: str, prefix: str, stop: list[bool]) -> None:
     model = load_model(model_path)
     classes = [str(c) for c in model.classes_]
-    consumer = Consumer(
-        settings.kafka(
-            **{
-                "group.id": f"{prefix}-loop",
-                "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 5,
-                "enable.partition.eof": False,
-            }
-        )
-    )
-    producer = Producer(settings.kafka(**{"linger.ms": 1}))
+    consumer, producer = loop_clients(settings, f"{prefix}-loop")
     consumer.subscribe([f"{prefix}.queries"])
     out = f"{prefix}.predictions"
     try:
@@ -58,14 +45,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--prefix", default="bench.naive")
     args = parser.parse_args()
-    stop = [False]
-
-    def on_signal(*_: Any) -> None:
-        stop[0] = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    run(Settings.from_env(), args.model, args.prefix, stop)
+    run(Settings.from_env(), args.model, args.prefix, stop_on_signal())
 
 
 if __name__ == "__main__":
