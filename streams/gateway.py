@@ -55,13 +55,18 @@ class BadRequest(ValueError):
     """The request body cannot become a query or feedback record (HTTP 400)."""
 
 
-def parse_predict(body: Any, app: dict[str, Any]) -> dict[str, Any]:
-    """Validate a predict body; returns keyword arguments for ``Client.send_query``."""
+def _check_fields(body: Any, allowed: tuple[str, ...]) -> None:
+    """A JSON object naming no field outside ``allowed``."""
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
-    unknown = set(body) - set(PREDICT_FIELDS)
+    unknown = set(body) - set(allowed)
     if unknown:
         raise BadRequest(f"unknown fields: {sorted(unknown)}")
+
+
+def parse_predict(body: Any, app: dict[str, Any]) -> dict[str, Any]:
+    """Validate a predict body; returns keyword arguments for ``Client.send_query``."""
+    _check_fields(body, PREDICT_FIELDS)
     features = body.get("features")
     if not isinstance(features, list) or not features:
         raise BadRequest("'features' must be a non-empty array of numbers")
@@ -89,11 +94,7 @@ def parse_predict(body: Any, app: dict[str, Any]) -> dict[str, Any]:
 
 def parse_feedback(body: Any) -> dict[str, Any]:
     """Validate a feedback body; returns keyword arguments for ``Client.send_feedback``."""
-    if not isinstance(body, dict):
-        raise BadRequest("body must be a JSON object")
-    unknown = set(body) - set(FEEDBACK_FIELDS)
-    if unknown:
-        raise BadRequest(f"unknown fields: {sorted(unknown)}")
+    _check_fields(body, FEEDBACK_FIELDS)
     qid = body.get("query_id")
     if not isinstance(qid, str) or not qid:
         raise BadRequest("'query_id' must be a non-empty string")
