@@ -38,7 +38,7 @@ from confluent_kafka import OFFSET_INVALID, Consumer, TopicPartition
 from streams import codec, metrics, topics
 from streams.config import Settings
 from streams.kafka_util import consume_ready
-from streams.pipeline import MAX_CLOCK_SKEW_US, Remembered
+from streams.pipeline import MAX_CLOCK_SKEW_US, Remembered, model_answers
 
 log = logging.getLogger("clipstream.dedup")
 
@@ -58,13 +58,12 @@ def remembered_from(record: dict, key: str) -> Remembered | None:
     as an error prediction: feedback for it is rejected live and skipped by replay)."""
     if not record["answers"]:
         return None
+    labels, probs = model_answers(record)
     return Remembered(
         key=key,
         app=record["app"],
-        labels={
-            a["model"]: (a["label"] if a["error"] is None else None) for a in record["answers"]
-        },
-        probs={a["model"]: a["prob"] for a in record["answers"]},
+        labels=labels,
+        probs=probs,
         at_us=record["emitted_at_us"] - record["worker_us"],
     )
 

@@ -119,6 +119,14 @@ class Remembered:
     at_us: int
 
 
+def model_answers(prediction: Mapping[str, Any]) -> tuple[dict[str, str | None], dict[str, float]]:
+    """Each consulted model's label (None where it failed) and probability, as a Prediction
+    record carries them: what feedback needs to update the selection state."""
+    answers = prediction["answers"]
+    labels = {a["model"]: (a["label"] if a["error"] is None else None) for a in answers}
+    return labels, {a["model"]: a["prob"] for a in answers}
+
+
 class StateStore(Protocol):
     """Selection state per selection key (a Faust table in the worker, a dict in tests)."""
 

@@ -26,7 +26,7 @@ from selection import SelectionState
 from streams import codec, topics
 from streams.config import Settings
 from streams.kafka_util import consume_ready
-from streams.pipeline import new_state, selection_key
+from streams.pipeline import model_answers, new_state, selection_key
 
 
 @dataclass
@@ -93,13 +93,8 @@ def collect_answers(settings: Settings, app: str) -> dict[str, Answers]:
             continue
         if record["app"] != app or not record["answers"]:
             continue
-        found[record["query_id"]] = Answers(
-            key_user=record["user"],
-            labels={
-                a["model"]: (a["label"] if a["error"] is None else None) for a in record["answers"]
-            },
-            probs={a["model"]: a["prob"] for a in record["answers"]},
-        )
+        labels, probs = model_answers(record)
+        found[record["query_id"]] = Answers(key_user=record["user"], labels=labels, probs=probs)
     return found
 
 
