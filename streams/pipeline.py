@@ -630,13 +630,20 @@ class Pipeline:
             self.emitted.popitem(last=False)
 
     def remember(self, p: Pending) -> None:
-        self.memory[p.query_id] = Remembered(
-            key=p.key,
-            app=p.app,
-            labels={m: (a.label if a.error is None else None) for m, a in p.answers.items()},
-            probs=dict(p.probs),
-            at_us=p.intake_us,
+        self._keep(
+            p.query_id,
+            Remembered(
+                key=p.key,
+                app=p.app,
+                labels={m: (a.label if a.error is None else None) for m, a in p.answers.items()},
+                probs=dict(p.probs),
+                at_us=p.intake_us,
+            ),
         )
+
+    def _keep(self, qid: str, remembered: Remembered) -> None:
+        """Add to the answer memory, oldest out beyond its bound."""
+        self.memory[qid] = remembered
         if len(self.memory) > self.settings.answer_memory:
             self.memory.popitem(last=False)
 
@@ -653,9 +660,7 @@ class Pipeline:
         its answers for its feedback (see streams.dedup)."""
         self._mark_emitted(qid)
         if remembered is not None:
-            self.memory[qid] = remembered
-            if len(self.memory) > self.settings.answer_memory:
-                self.memory.popitem(last=False)
+            self._keep(qid, remembered)
 
     def recall(self, qid: str, now: int | None = None) -> Remembered | None:
         found = self.memory.get(qid)
