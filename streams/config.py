@@ -5,12 +5,16 @@ from the same ``Settings`` so that TLS and SASL reach all of them."""
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 ENV_PREFIX = "CLIPSTREAM_"
+
+#: librdkafka's own log lines, which it would otherwise write to stderr
+KAFKA_LOGGER = "clipstream.kafka"
 
 
 @dataclass
@@ -77,7 +81,10 @@ class Settings:
 
     def kafka(self, **extra: Any) -> dict[str, Any]:
         """librdkafka configuration (confluent-kafka)."""
-        conf: dict[str, Any] = {"bootstrap.servers": self.require_bootstrap()}
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.require_bootstrap(),
+            "logger": logging.getLogger(KAFKA_LOGGER),
+        }
         if self.security_protocol != "PLAINTEXT":
             conf["security.protocol"] = self.security_protocol
         if self.sasl_mechanism:
