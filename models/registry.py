@@ -3,11 +3,14 @@
 Every worker and replica follows ``clipstream.control`` from the beginning, so a deploy,
 rollback or app registration reaches all of them without a restart. The latest record per
 key wins (the topic is compacted), and reading it to the end rebuilds the whole registry.
+Records are checked when written and when read (``models.specs``): a bad one is refused
+and the last good spec of its model or app stays in force.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -17,10 +20,11 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from streams import codec, topics
+from models.specs import refusal
+from streams import codec, metrics, topics
 from streams.config import Settings
 
-POLICIES = ("SINGLE", "EXP3", "EXP4")
+log = logging.getLogger("clipstream.registry")
 
 
 class RegistryError(ValueError):
@@ -35,7 +39,12 @@ class Registry:
         self.apps: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
-    def apply(self, record: dict[str, Any]) -> None:
+    def apply(self, record: dict[str, Any]) -> str | None:
+        """Apply one control record, or refuse it and return why (the last good spec of
+        its model or app stays)."""
+        reason = refusal(record)
+        if reason is not None:
+            return reason
         with self._lock:
             table = self.models if record["kind"] == "MODEL" else self.apps
             if record.get("deleted"):
@@ -44,6 +53,7 @@ class Registry:
                 table[record["name"]] = (
                     record["model"] if record["kind"] == "MODEL" else record["app"]
                 )
+        return None
 
     def model(self, name: str) -> dict[str, Any] | None:
         return self.models.get(name)
@@ -85,16 +95,63 @@ class ControlFollower:
                 }
             )
         )
-        self._consumer.assign([TopicPartition(topics.CONTROL, 0, OFFSET_BEGINNING)])
+        self._assigned = False
         self._next_offset = 0
+        #: control records refused as invalid (each logged once, as it is read)
+        self.refused = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         # notified after each read, for wait_until()
         self._advanced = threading.Condition()
 
+    def topic_exists(self, timeout: float = 10.0) -> bool:
+        md = self._consumer.list_topics(topics.CONTROL, timeout=timeout).topics
+        found = md.get(topics.CONTROL)
+        return found is not None and found.error is None and bool(found.partitions)
+
+    def wait_for_topic(self, stopping: threading.Event) -> bool:
+        """Wait until the control topic exists (a worker or the first ``clipstream model
+        deploy`` creates it), saying once that it does not yet; False if ``stopping`` is set
+        first. A process started before anything else waits instead of failing."""
+        said = False
+        while not stopping.is_set():
+            if self.topic_exists():
+                return True
+            if not said:
+                log.warning(
+                    "the control topic %s does not exist yet: waiting for a worker "
+                    "(`clipstream worker`) or a deploy (`clipstream model deploy`) to create it",
+                    topics.CONTROL,
+                )
+                said = True
+            stopping.wait(0.5)
+        return False
+
+    def wait_for(
+        self, predicate: Callable[[], bool], stopping: threading.Event, waiting: str
+    ) -> bool:
+        """After ``start()``: wait until ``predicate`` holds, logging ``waiting`` once if it
+        does not yet; False if ``stopping`` is set first."""
+        if predicate():
+            return True
+        log.warning(waiting)
+        while not stopping.is_set():
+            if self.wait_until(predicate, 0.5):
+                return True
+        return False
+
     def sync(self, timeout: float = 30.0) -> Registry:
         """Read up to the current end of the control topic."""
+        if not self._assigned:
+            if not self.topic_exists(timeout):
+                raise RegistryError(
+                    f"the control topic {topics.CONTROL} does not exist yet: start a worker "
+                    "(`clipstream worker`) or deploy a model (`clipstream model deploy`) first"
+                )
+            # assigned only once it exists: an assignment of a missing partition fails
+            self._consumer.assign([TopicPartition(topics.CONTROL, 0, OFFSET_BEGINNING)])
+            self._assigned = True
         low, high = self._consumer.get_watermark_offsets(
             TopicPartition(topics.CONTROL, 0), timeout=timeout
         )
@@ -117,15 +174,24 @@ class ControlFollower:
                     continue
                 try:
                     record = codec.decode("ControlRecord", msg.value())
-                except codec.DecodeError:
-                    record = None  # written by something else; the registry ignores it
-                if record is not None:
-                    self.registry.apply(record)
-                    if self.on_change is not None:
-                        self.on_change(record)
+                    reason = self.registry.apply(record)
+                except codec.DecodeError as exc:
+                    record, reason = None, str(exc)
+                if reason is not None:
+                    self._refuse(msg.offset(), record, reason)
+                elif record is not None and self.on_change is not None:
+                    self.on_change(record)
                 self._next_offset = msg.offset() + 1
         with self._advanced:
             self._advanced.notify_all()
+
+    def _refuse(self, offset: int, record: dict[str, Any] | None, reason: str) -> None:
+        self.refused += 1
+        kind = record["kind"].lower() if record is not None else "undecodable"
+        metrics.CONTROL_REFUSED.labels(kind).inc()
+        log.error(
+            "control record at offset %d refused, the last good spec stays: %s", offset, reason
+        )
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait up to ``timeout`` for the follower thread to read records that make
@@ -161,9 +227,12 @@ class ControlFollower:
 
 
 def publish(settings: Settings, record: dict[str, Any]) -> None:
+    record = {"deleted": False, "at_us": time.time_ns() // 1000, **record}
+    reason = refusal(record)
+    if reason is not None:
+        raise RegistryError(reason)
     producer = Producer(settings.kafka(**{"enable.idempotence": True}))
     key = f"{record['kind'].lower()}:{record['name']}".encode()
-    record = {"deleted": False, "at_us": time.time_ns() // 1000, **record}
     producer.produce(topics.CONTROL, codec.encode("ControlRecord", record), key)
     if producer.flush(30) != 0:
         raise RuntimeError("control record not delivered within 30 s")
@@ -260,20 +329,9 @@ def register_app(
     gamma: float = 0.05,
     cache: bool = True,
 ) -> dict[str, Any]:
-    policy = policy.upper()
-    if policy not in POLICIES:
-        raise RegistryError(f"policy must be one of {POLICIES}, not {policy!r}")
-    if not models:
-        raise RegistryError("an app needs at least one model")
-    if policy == "SINGLE" and len(models) != 1:
-        raise RegistryError("policy SINGLE takes exactly one model; use EXP3 or EXP4 for several")
-    known = current(settings).models
-    unknown = [m for m in models if m not in known]
-    if unknown:
-        raise RegistryError(f"models not deployed: {unknown}; deploy them first")
     spec = {
         "models": list(models),
-        "policy": policy,
+        "policy": policy.upper(),
         "deadline_ms": float(deadline_ms),
         "default_label": default_label,
         "personalised": personalised,
@@ -282,7 +340,18 @@ def register_app(
         "gamma": gamma,
         "cache": cache,
     }
-    publish(settings, {"kind": "APP", "name": name, "model": None, "app": spec})
+    record = {"kind": "APP", "name": name, "model": None, "app": spec}
+    reason = refusal(record)  # before reading the registry: a bad spec fails at once
+    if reason is not None:
+        raise RegistryError(reason)
+    known = current(settings).models
+    unknown = [m for m in models if m not in known]
+    if unknown:
+        raise RegistryError(
+            f"models not deployed: {', '.join(unknown)}; deploy them first "
+            "(`clipstream model deploy NAME PATH`)"
+        )
+    publish(settings, record)
     return spec
 
 

@@ -53,6 +53,12 @@ DEADLINE_MISSES = Counter(
 )
 DEFAULTS = Counter("clipstream_default_outputs_total", "Default outputs emitted", ["app"])
 DEAD_LETTERS = Counter("clipstream_dead_letters_total", "Dead-letter records", ["stage"])
+# every process that follows the control topic (models.registry)
+CONTROL_REFUSED = Counter(
+    "clipstream_control_refused_total",
+    "Control records refused as invalid (the last good spec stays)",
+    ["kind"],  # model | app | undecodable
+)
 PENDING = Gauge("clipstream_pending_queries", "Queries waiting for model answers")
 BATCH_SIZE = Histogram(
     "clipstream_batch_size", "Rows per batch sent to a model", ["model"], buckets=BATCH_BUCKETS
