@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient
 
 from models.adapters import BatchOutput, ModelAdapter, SklearnAdapter
 from models.files import load_model
@@ -161,10 +162,38 @@ class Replica:
             "model_us": finished - started,
         }
 
+    def wait_for_deploy(self) -> bool:
+        """Follow the control topic until the model is deployed and its requests topic is
+        there. A replica started before the control topic exists or before its model is
+        deployed says so once and waits; False if ``stopping`` is set first."""
+        follower = self.follower
+        if not follower.wait_for_topic(self.stopping):
+            return False
+        follower.sync()
+        follower.start()
+        registry = follower.registry
+        waited = registry.model(self.model) is None
+        deployed = follower.wait_for(
+            lambda: registry.model(self.model) is not None,
+            self.stopping,
+            f"model {self.model} is not deployed: waiting for "
+            f"`clipstream model deploy {self.model} PATH`",
+        )
+        if not deployed:
+            return False
+        # deploy_model creates the topic before it records the model
+        topics.wait_for_topics(
+            AdminClient(self.settings.kafka()), [topics.model_requests(self.model)]
+        )
+        if waited:
+            log.warning("model %s deployed: serving", self.model)
+        return True
+
     def run(self) -> None:
         """Serve until ``stopping`` is set (SIGTERM sets it when run from the CLI)."""
-        self.follower.sync()
-        self.follower.start()
+        if not self.wait_for_deploy():
+            self.follower.close()
+            return
         self.warm()
         consumer = Consumer(
             self.settings.kafka(
