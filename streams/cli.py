@@ -1,33 +1,60 @@
-"""The ``clipstream`` command line."""
+"""The ``clipstream`` command line.
+
+Every failure a user can meet is one line on stderr saying what went wrong and what to do,
+exit code 1 (2 for a usage error, as click does); ``--log-level debug`` adds the traceback.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import signal
+import socket
 import sys
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-import click
-from rich.console import Console
-from rich.table import Table
+try:
+    import click
+    from rich.console import Console
+    from rich.table import Table
+except ModuleNotFoundError as missing:  # `pip install clipstream` is the SDK alone
+    sys.exit(
+        f"error: the clipstream command needs the server extra ({missing.name} is not "
+        "installed): pip install 'clipstream[server]'"
+    )
 
-from streams.config import Settings
+from streams.config import KAFKA_LOGGER, Settings
+from streams.failures import Failure, check_kafka, explain
 
-console = Console(stderr=True)
+log = logging.getLogger("clipstream.cli")
+console = Console(stderr=True)  # progress; results go to stdout
+
+#: the level --log-level chose (a traceback is printed at debug)
+_level = logging.WARNING
+
+LOG_LEVELS = {"debug": "debug", "info": "info", "warning": "warn", "error": "error"}
 
 
 def settings_for(**overrides: Any) -> Settings:
     """Settings from the environment; without KAFKA_BOOTSTRAP_SERVERS, the broker that
-    ``clipstream broker start`` left running."""
+    ``clipstream broker start`` left running. Fails at once, in one line, when there is no
+    cluster or it does not answer."""
     settings = Settings.from_env(**overrides)
+    hint = "is KAFKA_BOOTSTRAP_SERVERS right and the cluster up?"
     if not settings.bootstrap:
         from streams.broker import status_detached
 
         state = status_detached()
-        if state is not None:
-            settings.bootstrap = state["bootstrap"]
+        if state is None:
+            raise Failure(
+                "no Kafka cluster configured: set KAFKA_BOOTSTRAP_SERVERS or run "
+                "`clipstream broker start`"
+            )
+        settings.bootstrap = state["bootstrap"]
+        hint = "run `clipstream broker start` again"
+    check_kafka(settings, hint)
     return settings
 
 
@@ -37,23 +64,81 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
-def fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
-    sys.exit(2)
+def fail(message: str) -> NoReturn:
+    raise Failure(message)
 
 
-@click.group()
+def say_error(message: str) -> None:
+    # click.secho, not rich: rich would wrap a long line at 80 columns when piped
+    click.secho("error: ", fg="red", bold=True, err=True, nl=False)
+    click.echo(message, err=True)
+
+
+def free_port_option(port: int | None, flag: str) -> None:
+    """A port flag naming a port that is taken fails here, before anything starts."""
+    if not port:
+        return
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", port))
+        except OSError:
+            raise click.BadParameter(
+                f"port {port} is in use; pick another, or 0 for a free one", param_hint=flag
+            ) from None
+
+
+class Cli(click.Group):
+    """The top-level group: turns every exception into one line on stderr."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:  # a caller that handles click's exceptions itself
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()  # a group without a command: its help
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            say_error(exc.format_message() + where)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            say_error(exc.format_message())
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            say_error("interrupted")
+            sys.exit(130)
+        except Exception as exc:
+            if _level <= logging.DEBUG:
+                traceback.print_exception(exc)
+            say_error(explain(exc))
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class UpperChoice(click.Choice):
+    """Choices written in upper case (as --help shows them), accepted in any case."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        return super().convert(value.upper() if isinstance(value, str) else value, param, ctx)
+
+
+@click.group(cls=Cli)
 @click.option(
     "--log-level",
     default="warning",
     show_default=True,
-    type=click.Choice(["debug", "info", "warning", "error"]),
+    type=click.Choice(list(LOG_LEVELS)),
+    help="also of librdkafka, whose warnings (it retries what they report) show from info; "
+    "debug also prints a failure's traceback",
 )
 def main(log_level: str) -> None:
     """clipstream: low-latency prediction serving over Kafka."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    global _level
+    _level = getattr(logging, log_level.upper())
+    logging.basicConfig(level=_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    kafka = _level if _level < logging.WARNING else max(_level, logging.ERROR)
+    logging.getLogger(KAFKA_LOGGER).setLevel(kafka)
 
 
 # -- broker -----------------------------------------------------------------------------
@@ -105,18 +190,32 @@ def broker_status() -> None:
 @click.option("--metrics-port", type=int, default=None, help="Prometheus port (0: a free one)")
 @click.option(
     "--faust-log-level",
-    default="warn",
+    default=None,
     type=click.Choice(["crit", "error", "warn", "info", "debug"]),
+    help="Faust's own logging (default: as --log-level)",
 )
 @click.option("--web-port", type=int, default=None, help="REST gateway port (0: a free one)")
+@click.pass_context
 def worker(
-    partitions: int | None, metrics_port: int | None, faust_log_level: str, web_port: int | None
+    ctx: click.Context,
+    partitions: int | None,
+    metrics_port: int | None,
+    faust_log_level: str | None,
+    web_port: int | None,
 ) -> None:
     """Run a worker: intake, cache, batching, merge and feedback (Faust), and the REST gateway."""
+    free_port_option(metrics_port, "--metrics-port")
+    free_port_option(web_port, "--web-port")
+    settings = settings_for(partitions=partitions, metrics_port=metrics_port, web_port=web_port)
+    from models.registry import current
     from streams.app import run_worker
 
-    settings = settings_for(partitions=partitions, metrics_port=metrics_port, web_port=web_port)
-    run_worker(settings, faust_log_level)
+    if not current(settings).apps:  # also creates the core topics, as the worker would
+        log.warning(
+            "no app is registered yet: queries get an error prediction until one is "
+            "(`clipstream app register NAME --models MODEL`); registrations apply at once"
+        )
+    run_worker(settings, faust_log_level or LOG_LEVELS[ctx.parent.params["log_level"]])
 
 
 @main.command()
@@ -132,10 +231,12 @@ def worker(
 def replica(
     model: str, metrics_port: int | None, trust_pickle: bool, trusted_types: tuple[str, ...]
 ) -> None:
-    """Run one replica of a model (a member of its consumer group)."""
+    """Run one replica of a model (a member of its consumer group). Started before the model
+    is deployed, it waits for the deploy."""
     from models.replica import Replica, serve_forever
     from streams import metrics
 
+    free_port_option(metrics_port, "--metrics-port")
     settings = settings_for(
         metrics_port=metrics_port,
         trust_pickle=trust_pickle or None,
@@ -254,7 +355,7 @@ def app() -> None:
     "--policy",
     default="SINGLE",
     show_default=True,
-    type=click.Choice(["SINGLE", "EXP3", "EXP4"], case_sensitive=False),
+    type=UpperChoice(["SINGLE", "EXP3", "EXP4"]),
 )
 @click.option("--deadline-ms", type=float, default=100.0, show_default=True)
 @click.option("--default-label", default=None, help="output when no model answers in time")
@@ -290,7 +391,7 @@ def app_register(name: str, models: str, no_cache: bool, **opts: Any) -> None:
 )
 @click.option(
     "--window",
-    type=float,
+    type=click.FloatRange(min=0.0),
     default=0.0,
     show_default=True,
     help="seconds between two scrapes: latency and counts of that window (0: since start)",
@@ -298,10 +399,18 @@ def app_register(name: str, models: str, no_cache: bool, **opts: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def status(urls: tuple[str, ...], window: float, as_json: bool) -> None:
     """Apps, models, replicas and lag, batch sizes, cache hits, latency and weights."""
+    from urllib.parse import urlsplit
+
     from streams.status import collect_status, metrics_urls, render
 
     settings = settings_for()
-    report = collect_status(settings, metrics_urls(settings, urls), window)
+    endpoints = metrics_urls(settings, urls)
+    for url in endpoints:
+        try:
+            urlsplit(url).port  # noqa: B018 -- parsing it is the check
+        except ValueError as exc:
+            raise Failure(f"metrics endpoint {url!r} is not a URL: {exc}") from None
+    report = collect_status(settings, endpoints, window)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -318,29 +427,53 @@ def status(urls: tuple[str, ...], window: float, as_json: bool) -> None:
 @click.argument("features")
 @click.option("--user", default=None)
 @click.option("--deadline-ms", type=int, default=None)
-@click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="seconds to wait for the prediction",
+)
+@click.option("--query-id", default=None, help="the query's id (default: a random one)")
 def query(
-    app_name: str, features: str, user: str | None, deadline_ms: int | None, timeout: float
+    app_name: str,
+    features: str,
+    user: str | None,
+    deadline_ms: int | None,
+    timeout: float,
+    query_id: str | None,
 ) -> None:
     """Send one query (FEATURES comma-separated) and print its prediction as JSON."""
+    from concurrent.futures import TimeoutError as NoAnswer
+
+    from streams.failures import no_prediction
     from streams.sdk import Predictor
 
     try:
         vector = [float(x) for x in features.split(",") if x.strip()]
     except ValueError:
-        fail("FEATURES must be comma-separated numbers")
-    with Predictor(settings_for()) as predictor:
-        prediction = predictor.predict(
-            app_name, vector, timeout=timeout, user=user, deadline_ms=deadline_ms
+        raise click.BadParameter(
+            "must be comma-separated numbers, e.g. 0,1.5,3", param_hint="FEATURES"
+        ) from None
+    settings = settings_for()
+    with Predictor(settings) as predictor:
+        future = predictor.submit(
+            app_name, vector, query_id=query_id, user=user, deadline_ms=deadline_ms
         )
+        try:
+            prediction = future.result(timeout)
+        except NoAnswer:
+            raise no_prediction(settings, app_name, timeout) from None
     click.echo(json.dumps(prediction))
+    if prediction.get("error"):
+        raise Failure(f"the worker answered with an error: {prediction['error']}")
 
 
 @main.command()
 @click.argument("query_id")
 @click.argument("app_name")
 @click.option("--label", default=None, help="the true label")
-@click.option("--reward", type=float, default=None, help="a reward in [0, 1]")
+@click.option("--reward", type=click.FloatRange(0.0, 1.0), default=None, help="a reward in [0, 1]")
 @click.option("--user", default=None)
 def feedback(
     query_id: str, app_name: str, label: str | None, reward: float | None, user: str | None
@@ -349,11 +482,115 @@ def feedback(
     from streams.sdk import Client
 
     if label is None and reward is None:
-        fail("give --label or --reward")
+        raise click.UsageError("give --label or --reward")
     client = Client(settings_for())
     client.send_feedback(query_id, app_name, label=label, reward=reward, user=user)
     client.flush()
     click.echo("sent")
+
+
+@main.command()
+@click.option("--app", "app_name", required=True, help="the app whose feedback is replayed")
+@click.option(
+    "--from-offset",
+    type=click.IntRange(min=0),
+    default=None,
+    help="start at this offset of every feedback partition (default: the beginning)",
+)
+@click.option(
+    "--from-time",
+    default=None,
+    help="start at the first feedback at or after this time: ISO 8601 "
+    "(2026-11-23T12:00:00, UTC unless it names a zone) or epoch milliseconds",
+)
+@click.option(
+    "--file",
+    "path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help='replay a file of feedback records instead, one JSON object a line: {"query_id", '
+    '"app", "label" or "reward", "user"}',
+)
+@click.option("--into", default=None, help="install the state into this app (default: --app)")
+@click.option(
+    "--dry-run", is_flag=True, help="print the weights it would install next to the live ones"
+)
+def replay(
+    app_name: str,
+    from_offset: int | None,
+    from_time: str | None,
+    path: Path | None,
+    into: str | None,
+    dry_run: bool,
+) -> None:
+    """Rebuild an app's selection state from its feedback and install it. Replay computes
+    from scratch, so running it twice installs the same state."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from models.registry import current
+    from streams import replay as replaying
+    from streams.replay_view import RateColumn, weights_table
+
+    if sum(x is not None for x in (from_offset, from_time, path)) > 1:
+        raise click.UsageError("give at most one of --from-offset, --from-time and --file")
+    from_time_ms = None if from_time is None else parse_time_ms(from_time)
+    records = None
+    if path is not None:
+        try:
+            records = replaying.check_feedback_file(path)
+        except replaying.FeedbackFileError as exc:
+            raise Failure(str(exc)) from None
+    settings = settings_for()
+    target = into or app_name
+    if current(settings).app(target) is None:
+        raise Failure(
+            f"app {target!r} is not registered: register it first (`clipstream app register`)"
+        )
+    if records is None:
+        records = replaying.feedback_to_read(settings, from_offset, from_time_ms)
+    columns = (
+        "{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("feedback records", total=records)
+        states, counts = replaying.replay(
+            settings,
+            app_name,
+            into=into,
+            from_offset=from_offset,
+            from_time_ms=from_time_ms,
+            file=path,
+            dry_run=dry_run,
+            on_progress=lambda n: progress.advance(task, n),
+        )
+        progress.update(task, completed=records)
+    if dry_run:
+        Console().print(weights_table(replaying.live_states(settings, target), states))
+    summary = " ".join(f"{k}={v}" for k, v in counts.items())
+    installed = "false (dry run)" if dry_run else "true"
+    click.echo(f"replay: app={target} states={len(states)} {summary} installed={installed}")
+
+
+def parse_time_ms(text: str) -> int:
+    """Epoch milliseconds from ISO 8601 or from a number of milliseconds."""
+    from datetime import UTC, datetime
+
+    if text.isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(
+            "expected ISO 8601 (2026-11-23T12:00:00+00:00) or epoch milliseconds",
+            param_hint="--from-time",
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
 
 
 @main.command()
