@@ -216,3 +216,128 @@ def replay(
     if not dry_run:
         publish(settings, states, into, source)
     return states, counts
+
+
+# -- for the command line: what a replay will read, and the states workers hold now ---------
+
+#: the worker's selection table changelog (Faust app ``clipstream``, table ``selection``):
+#: compacted, key the selection key, value the JSON of ``SelectionState.to_state()``
+SELECTION_CHANGELOG = "clipstream-selection-changelog"
+
+
+class FeedbackFileError(ValueError):
+    """A file of feedback records that replay cannot read."""
+
+
+def check_feedback_file(path: Path) -> int:
+    """Check a JSON-lines file of feedback records before replaying it; returns how many
+    records it holds. Raises FeedbackFileError naming the first bad line."""
+    count = 0
+    with path.open() as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FeedbackFileError(f"{where}: not JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise FeedbackFileError(f"{where}: expected a JSON object")
+            for key in ("query_id", "app"):
+                if not isinstance(record.get(key), str):
+                    raise FeedbackFileError(f'{where}: "{key}" must be a string')
+            label, reward = record.get("label"), record.get("reward")
+            if label is not None and not isinstance(label, str):
+                raise FeedbackFileError(
+                    f'{where}: "label" must be a string as the models answer it, e.g. "0"'
+                )
+            if reward is not None and (
+                isinstance(reward, bool) or not isinstance(reward, int | float)
+            ):
+                raise FeedbackFileError(f'{where}: "reward" must be a number in [0, 1]')
+            count += 1
+    return count
+
+
+def feedback_to_read(
+    settings: Settings, from_offset: int | None = None, from_time_ms: int | None = None
+) -> int:
+    """How many records of the feedback topic a replay from these bounds reads (snapshots
+    of earlier replays included): the total of its progress bar."""
+    consumer = Consumer(settings.kafka(**{"group.id": f"replay-{uuid.uuid4().hex}"}))
+    try:
+        parts = sorted(
+            consumer.list_topics(topics.FEEDBACK, timeout=30).topics[topics.FEEDBACK].partitions
+        )
+        starts: dict[int, int] = {}
+        if from_time_ms is not None:
+            found = consumer.offsets_for_times(
+                [TopicPartition(topics.FEEDBACK, p, from_time_ms) for p in parts], timeout=30
+            )
+            starts = {tp.partition: tp.offset for tp in found if tp.offset >= 0}
+        total = 0
+        for p in parts:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topics.FEEDBACK, p), timeout=30
+            )
+            if from_time_ms is not None:
+                first = starts.get(p, high)
+            else:
+                first = from_offset if from_offset is not None else low
+            total += high - max(low, min(first, high))
+        return total
+    finally:
+        consumer.close()
+
+
+def live_states(settings: Settings, app: str) -> dict[str, SelectionState]:
+    """The selection states of ``app`` (keys ``app`` and ``app|user``) that workers hold now:
+    the selection table's changelog read to its end, the latest record per key."""
+    latest: dict[str, bytes | None] = {}
+    consumer = Consumer(
+        settings.kafka(
+            **{"group.id": f"clipstream-replay-{uuid.uuid4().hex}", "enable.auto.commit": False}
+        )
+    )
+    try:
+        md = consumer.list_topics(SELECTION_CHANGELOG, timeout=30).topics.get(SELECTION_CHANGELOG)
+        if md is None or md.error is not None:
+            return {}  # no worker has run yet: nothing is live
+        ends: dict[int, int] = {}
+        assignment = []
+        for p in sorted(md.partitions):
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(SELECTION_CHANGELOG, p), timeout=30
+            )
+            if high > low:
+                ends[p] = high
+                assignment.append(TopicPartition(SELECTION_CHANGELOG, p, low))
+        consumer.assign(assignment)
+        deadline = time.monotonic() + 120
+        while ends:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{SELECTION_CHANGELOG} not read to its end within 120 s")
+            for msg in consume_ready(consumer, 1000, 0.5):
+                if msg.error() or msg.partition() not in ends:
+                    continue
+                latest[_table_key(msg.key())] = msg.value()
+                if msg.offset() + 1 >= ends[msg.partition()]:
+                    del ends[msg.partition()]
+    finally:
+        consumer.close()
+    return {
+        key: SelectionState.from_state(json.loads(value))
+        for key, value in sorted(latest.items())
+        if value is not None and (key == app or key.startswith(f"{app}|"))
+    }
+
+
+def _table_key(raw: bytes | None) -> str:
+    # Faust serialises the table's str keys as JSON strings
+    text = (raw or b"").decode("utf-8", errors="replace")
+    try:
+        key = json.loads(text)
+    except ValueError:
+        return text
+    return key if isinstance(key, str) else text
