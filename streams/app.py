@@ -400,6 +400,9 @@ def run_worker(settings: Settings, loglevel: str = "warn") -> None:
     log.warning("REST gateway on :%d", worker.app.conf.web_port)
     worker.start_background()
     try:
-        FaustWorker(worker.app, loglevel=loglevel, quiet=True).execute_from_commandline()
+        faust_worker = FaustWorker(worker.app, loglevel=loglevel, quiet=True)
+        if not faust_worker.stdout.isatty():
+            faust_worker.spinner = None  # it writes cursor escape codes even into a log file
+        faust_worker.execute_from_commandline()
     finally:
         worker.close()

@@ -66,7 +66,7 @@ def run_demo(rate: float = 150.0, replicas: int = 1, workdir: Path | None = None
         with kafka(settings, workdir) as settings:
             env = {"KAFKA_BOOTSTRAP_SERVERS": settings.require_bootstrap()}
             console.print("training digits models ...")
-            trained = train_digits_models(workdir / "models")
+            trained = train_digits_models(workdir / "models", names=list(DEMO_MODELS))
             for name, (_, acc) in sorted(trained.items()):
                 console.print(f"  {name:15s} offline accuracy {acc:.3f}")
             from confluent_kafka.admin import AdminClient
@@ -109,6 +109,7 @@ def run_demo(rate: float = 150.0, replicas: int = 1, workdir: Path | None = None
                 raise
             summary = stream_test_set(client, reader, rate)
             reader.close()
+            client.producer.close()  # flushed: closed before the broker goes, it stays quiet
             stop_all(children)  # before the broker goes: they would retry it forever
     except KeyboardInterrupt:
         console.print("interrupted: stopping everything")
