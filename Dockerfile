@@ -5,7 +5,7 @@ COPY streams ./streams
 COPY models ./models
 COPY selection ./selection
 COPY schemas ./schemas
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ".[server]"
 USER nobody
 ENTRYPOINT []
 CMD ["clipstream", "--help"]
