@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from typing import Any
 
@@ -10,6 +12,7 @@ from confluent_kafka import Consumer, TopicPartition
 from streams import codec
 from streams.config import Settings
 from streams.kafka_util import consume_ready
+from streams.processes import clipstream_command
 from streams.sdk import Client, PredictionReader
 
 
@@ -72,3 +75,18 @@ def read_all(settings: Settings, topic: str, kind: str, timeout: float = 10.0) -
         return out
     finally:
         consumer.close()
+
+
+def run_cli(
+    settings: Settings, *args: str, timeout: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    """One `clipstream` command against the test broker, as a user runs it."""
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": settings.require_bootstrap(),
+        "CLIPSTREAM_PARTITIONS": str(settings.partitions),
+        "COLUMNS": "200",  # rich tables unabridged
+    }
+    return subprocess.run(
+        clipstream_command(*args), env=env, capture_output=True, text=True, timeout=timeout
+    )
