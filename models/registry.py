@@ -23,6 +23,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 from models.specs import refusal
 from streams import codec, metrics, topics
 from streams.config import Settings
+from streams.kafka_util import watermarks
 
 log = logging.getLogger("clipstream.registry")
 
@@ -152,9 +153,7 @@ class ControlFollower:
             # assigned only once it exists: an assignment of a missing partition fails
             self._consumer.assign([TopicPartition(topics.CONTROL, 0, OFFSET_BEGINNING)])
             self._assigned = True
-        low, high = self._consumer.get_watermark_offsets(
-            TopicPartition(topics.CONTROL, 0), timeout=timeout
-        )
+        low, high = watermarks(self._consumer, TopicPartition(topics.CONTROL, 0), timeout)
         deadline = time.monotonic() + timeout
         while True:
             if max(self._next_offset, low) >= high:

@@ -18,7 +18,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from streams import codec, topics
 from streams.config import Settings
-from streams.kafka_util import consume_ready
+from streams.kafka_util import consume_ready, watermarks
 
 
 def now_us() -> int:
@@ -153,7 +153,7 @@ class PredictionReader:
             for p in md.topics[topics.PREDICTIONS].partitions:
                 tp = TopicPartition(topics.PREDICTIONS, p)
                 # explicit end offsets, resolved now: predictions produced from here on are seen
-                low, high = self.consumer.get_watermark_offsets(tp, timeout=30)
+                low, high = watermarks(self.consumer, tp, 30)
                 assignment.append(
                     TopicPartition(topics.PREDICTIONS, p, low if from_beginning else high)
                 )
