@@ -15,12 +15,29 @@ from collections.abc import Callable
 from copy import deepcopy
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 
 from streams import codec, topics
 from streams.config import Settings
 
 POLICIES = ("SINGLE", "EXP3", "EXP4")
+
+
+# errors of a topic created a moment ago, whose partition leader is not known everywhere yet
+_NOT_READY = {
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._UNKNOWN_PARTITION,
+    KafkaError._UNKNOWN_TOPIC,
+}
 
 
 class RegistryError(ValueError):
@@ -95,10 +112,18 @@ class ControlFollower:
 
     def sync(self, timeout: float = 30.0) -> Registry:
         """Read up to the current end of the control topic."""
-        low, high = self._consumer.get_watermark_offsets(
-            TopicPartition(topics.CONTROL, 0), timeout=timeout
-        )
         deadline = time.monotonic() + timeout
+        while True:
+            try:
+                low, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(topics.CONTROL, 0), timeout=timeout
+                )
+                break
+            except KafkaException as exc:
+                # a topic created a moment ago may not have its leader everywhere yet
+                if exc.args[0].code() not in _NOT_READY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         while True:
             if max(self._next_offset, low) >= high:
                 return self.registry
@@ -301,4 +326,5 @@ def ensure_model_topic(settings: Settings, name: str, partitions: int) -> None:
     topics.ensure_topics(
         admin,
         [NewTopic(topics.model_requests(name), partitions, 1, config={"retention.ms": "3600000"})],
+        grow=True,
     )
