@@ -1,7 +1,9 @@
 """Client SDK for applications (confluent-kafka): send queries and feedback, read predictions.
 
-Queries and feedback are keyed by the selection key (``app`` or ``app|user``), so a query,
-its feedback and the selection state they touch land on the same partition.
+A query and its feedback are both keyed by the query id (with the same partitioner), so
+they land on the same partition: the worker that answered a query is the one that joins
+its feedback to the answers. Queries of one app thus spread over every partition and
+every worker, whoever the user is.
 """
 
 from __future__ import annotations
@@ -23,10 +25,6 @@ from streams.kafka_util import consume_ready
 
 def now_us() -> int:
     return time.time_ns() // 1000
-
-
-def query_key(app: str, user: str | None) -> bytes:
-    return (app if not user else f"{app}|{user}").encode()
 
 
 class SeenIds:
@@ -86,7 +84,7 @@ class Client:
             "sent_at_us": now_us(),
             "deadline_ms": deadline_ms,
         }
-        self._produce(topics.QUERIES, codec.encode("Query", record), query_key(app, user))
+        self._produce(topics.QUERIES, codec.encode("Query", record), qid.encode())
         return qid
 
     def send_feedback(
@@ -106,7 +104,7 @@ class Client:
             "reward": reward,
             "sent_at_us": now_us(),
         }
-        self._produce(topics.FEEDBACK, codec.encode("Feedback", record), query_key(app, user))
+        self._produce(topics.FEEDBACK, codec.encode("Feedback", record), query_id.encode())
 
     def _produce(self, topic: str, value: bytes, key: bytes) -> None:
         while True:

@@ -22,7 +22,7 @@ from streams.bench import peer
 from streams.bench.loadgen import Protocol, Reply
 from streams.config import Settings
 from streams.processes import Child, clipstream_command, spawn
-from streams.sdk import now_us, query_key
+from streams.sdk import now_us
 
 SYSTEMS = ("floor", "naive", "clipstream", "clipstream-cache", "peer")
 DESCRIPTIONS = {
@@ -67,7 +67,6 @@ class Context:
 
 def avro_protocol(queries_topic: str, predictions_topic: str, app: str) -> Protocol:
     """Clipstream's own records: the floor and the naive loop speak them too."""
-    key = query_key(app, None)
 
     def encode(qid: str, row: np.ndarray, deadline_ms: int) -> tuple[bytes, bytes, None]:
         record = {
@@ -80,7 +79,8 @@ def avro_protocol(queries_topic: str, predictions_topic: str, app: str) -> Proto
             "sent_at_us": now_us(),
             "deadline_ms": deadline_ms,
         }
-        return key, codec.encode("Query", record), None
+        # keyed by query id, as the SDK does: one app's queries spread over all partitions
+        return qid.encode(), codec.encode("Query", record), None
 
     def decode(msg: Message) -> Reply | None:
         received = time.time_ns() // 1000
