@@ -275,7 +275,9 @@ class Worker:
     async def _restore_range(
         self, ranges: dict[int, tuple[int, int]], new: set[int], what: str
     ) -> None:
-        found, done = await asyncio.to_thread(dedup.read, self.settings, ranges, self.app.conf.id)
+        found, done = await asyncio.to_thread(
+            dedup.read, self.settings, ranges, self.app.conf.id, self.pipeline.registry
+        )
         for qid, remembered in found:
             self.pipeline.restore(qid, remembered)
         log.warning(

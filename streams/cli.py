@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from streams.config import Settings
+from streams.limits import MAX_DEADLINE_MS
 
 console = Console(stderr=True)
 
@@ -317,7 +318,7 @@ def status(urls: tuple[str, ...], window: float, as_json: bool) -> None:
 @click.argument("app_name")
 @click.argument("features")
 @click.option("--user", default=None)
-@click.option("--deadline-ms", type=int, default=None)
+@click.option("--deadline-ms", type=click.IntRange(1, MAX_DEADLINE_MS), default=None)
 @click.option("--timeout", type=float, default=10.0, show_default=True)
 def query(
     app_name: str, features: str, user: str | None, deadline_ms: int | None, timeout: float

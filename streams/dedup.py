@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import OFFSET_INVALID, Consumer, TopicPartition
 
+from models.registry import Registry
 from streams import codec, metrics, topics
 from streams.config import Settings
 from streams.kafka_util import consume_ready
-from streams.pipeline import MAX_CLOCK_SKEW_US, Remembered, model_answers
+from streams.pipeline import MAX_CLOCK_SKEW_US, Remembered, model_answers, selection_key
 
 log = logging.getLogger("clipstream.dedup")
 
@@ -66,6 +67,14 @@ def remembered_from(record: dict, key: str) -> Remembered | None:
         probs=probs,
         at_us=record["emitted_at_us"] - record["worker_us"],
     )
+
+
+def remembered_for(record: dict, registry: Registry) -> Remembered | None:
+    """``remembered_from`` under the selection key intake gave the prediction's query
+    (predictions are keyed by query id, so the key is computed as intake computes it)."""
+    app = registry.app(record["app"])
+    user = record["user"] if app is not None and app["personalised"] else None
+    return remembered_from(record, selection_key(record["app"], user))
 
 
 @dataclass
@@ -177,11 +186,11 @@ def _plan(consumer: Consumer, settings: Settings, partitions: list[int], now_ms:
 
 
 def read(
-    settings: Settings, ranges: dict[int, tuple[int, int]], group: str
+    settings: Settings, ranges: dict[int, tuple[int, int]], group: str, registry: Registry
 ) -> tuple[list[tuple[str, Remembered | None]], Restored]:
     """The query ids answered in these ranges of the predictions topic, each with its answer
     memory entry (blocking I/O: the worker runs it in a thread and applies the result with
-    ``Pipeline.restore``)."""
+    ``Pipeline.restore``). ``registry`` tells which apps are personalised."""
     started = time.monotonic()
     done = Restored(starts={p: start for p, (start, _) in ranges.items()})
     found: list[tuple[str, Remembered | None]] = []
@@ -206,8 +215,7 @@ def read(
                     record = codec.decode("Prediction", msg.value())
                 except codec.DecodeError:
                     continue
-                key = msg.key().decode() if msg.key() else record["app"]
-                remembered = remembered_from(record, key)
+                remembered = remembered_for(record, registry)
                 found.append((record["query_id"], remembered))
                 done.predictions += 1
                 done.remembered += remembered is not None

@@ -31,6 +31,7 @@ from models.registry import Registry
 from selection import SelectionState, combine
 from streams import codec, metrics, topics
 from streams.config import Settings
+from streams.limits import MAX_DEADLINE_MS
 
 log = logging.getLogger("clipstream.pipeline")
 
@@ -41,8 +42,6 @@ MAX_CLOCK_SKEW_US = 60_000_000
 INFLIGHT_TIMEOUT_US = 10_000_000
 # How often queued rows of queries already answered at their deadline are dropped.
 PRUNE_INTERVAL_US = 50_000
-# A query may not ask for a longer deadline than this: its pending state is held that long.
-MAX_DEADLINE_MS = 600_000
 #: metrics label for an app or model name that is not registered
 UNKNOWN = "(unknown)"
 
@@ -559,7 +558,7 @@ class Pipeline:
             "worker_us": now - p.intake_us,
         }
         self.remember(p)
-        self._produce_prediction(record, p.key, p.ack, now, partition=p.partition)
+        self._produce_prediction(record, p.ack, now, partition=p.partition)
         metrics.PREDICTIONS.labels(p.app, outcome).inc()
 
     def _emit_error(self, q: dict[str, Any], raw: RawQuery, reason: str, now: int) -> None:
@@ -579,20 +578,12 @@ class Pipeline:
             "emitted_at_us": now,
             "worker_us": 0,
         }
-        self._produce_prediction(
-            record,
-            selection_key(q["app"], q["user"]),
-            raw.ack,
-            now,
-            outcome="error",
-            partition=raw.partition,
-        )
+        self._produce_prediction(record, raw.ack, now, outcome="error", partition=raw.partition)
         self._mark_emitted(q["query_id"])
 
     def _produce_prediction(
         self,
         record: dict[str, Any],
-        key: str,
         ack: Callable[[], None] | None,
         now: int,
         outcome: str | None = None,
@@ -608,11 +599,11 @@ class Pipeline:
                 log.error("prediction %s not delivered: %s", record["query_id"], err)
 
         # A prediction goes to its query's partition number (streams.dedup rebuilds the
-        # emitted ids of a query partition from the same predictions partition).
+        # emitted ids of a query partition from the same predictions partition), keyed by
+        # its query id so that a reader waiting for some ids can skip the rest undecoded.
         where = {"partition": partition} if partition >= 0 else {}
-        self.producer.produce(
-            topics.PREDICTIONS, value, key.encode(), on_delivery=delivered, **where
-        )
+        key = record["query_id"].encode()
+        self.producer.produce(topics.PREDICTIONS, value, key, on_delivery=delivered, **where)
         self._mark_emitted(record["query_id"])
         self.counts["predictions"] += 1
         if outcome is not None:
