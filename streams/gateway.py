@@ -7,6 +7,8 @@ predictions consumer over all partitions (from the end) and resolves waiting req
 query id; predictions are keyed by query id, so it decodes only those of its own waiting
 requests. A request that sees no prediction by the query's deadline plus a margin is
 answered with the app's default output, flagged ``default: true``.
+
+Who may call it is decided before the body is read (``streams.gateway_auth``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from prometheus_client import Counter
 
 from models.registry import Registry
 from streams.config import Settings
+from streams.gateway_auth import Denied, TokenAuth
 from streams.limits import deadline_problem
 from streams.sdk import Client, PredictionReader
 
@@ -180,8 +183,34 @@ class Gateway:
     def __init__(self, settings: Settings, registry: Registry) -> None:
         self.settings = settings
         self.registry = registry
+        self.auth = TokenAuth(settings)
+        self.tls = bool(settings.gateway_certfile)
+        if self.auth.open:
+            log.warning(
+                "the REST gateway is OPEN (CLIPSTREAM_GATEWAY_AUTH=open): anyone who reaches "
+                "its port may predict and send feedback for every app"
+            )
+        elif not self.auth.tokens:
+            log.warning(
+                "the REST gateway refuses every request: no tokens configured (set "
+                "CLIPSTREAM_GATEWAY_TOKENS_FILE, or CLIPSTREAM_GATEWAY_AUTH=open on a closed "
+                "network)"
+            )
+        elif not self.tls:
+            log.warning(
+                "REST bearer tokens travel in clear over HTTP: set CLIPSTREAM_GATEWAY_CERTFILE "
+                "and CLIPSTREAM_GATEWAY_KEYFILE, or terminate TLS in front of the gateway"
+            )
         self.client = Client(settings)
         self.waiter = PredictionWaiter(settings)
+
+    def describe(self) -> str:
+        """How the gateway listens, for the worker's start-up line."""
+        return f"{'https' if self.tls else 'http'}, {self.auth.describe()}"
+
+    def authorize(self, operation: str, app_name: str, authorization: str | None) -> Denied | None:
+        """None if a request with this Authorization header may call ``operation``."""
+        return self.auth.check(operation, app_name, authorization)
 
     async def predict(self, app_name: str, body: Any) -> tuple[int, dict[str, Any]]:
         app = self.registry.app(app_name)
@@ -256,6 +285,12 @@ def mount(faust_app: Any, gateway: Gateway) -> None:
     def view(route: str, operation: Any) -> type:
         class GatewayView(faust.web.View):
             async def post(self, request: Any, app: str) -> Any:
+                denied = gateway.authorize(route, app, request.headers.get("Authorization"))
+                if denied is not None:
+                    REQUESTS.labels(route, str(denied.status)).inc()
+                    return self.json(
+                        {"error": denied.reason}, status=denied.status, headers=denied.headers()
+                    )
                 try:
                     status, payload = await operation(app, await _read_json(request))
                 except BadRequest as exc:

@@ -1,7 +1,8 @@
 """The REST gateway with a real HTTP client against a running worker on the real broker:
 predictions come back synchronously and are the same ones Kafka readers see, feedback
 reaches the feedback topic, bad input gets 400/404 with a reason, and a query nobody
-answers gets the app's default output at its deadline.
+answers gets the app's default output at its deadline. The workers here run the explicitly
+open gateway (CLIPSTREAM_GATEWAY_AUTH=open); tokens and HTTPS are in test_security.py.
 
 Also the prediction readers (the gateway's, the SDK's PredictionReader and Predictor): a
 malformed prediction is skipped, counted and dead-lettered while the rest of its batch is
@@ -92,6 +93,7 @@ def gateway_urls(deployed: Settings, logs: Path):
     env = {
         "KAFKA_BOOTSTRAP_SERVERS": deployed.require_bootstrap(),
         "CLIPSTREAM_PARTITIONS": str(deployed.partitions),
+        "CLIPSTREAM_GATEWAY_AUTH": "open",
     }
     ports = [free_port(), free_port()]
     children = [
@@ -243,6 +245,13 @@ def test_a_query_nobody_serves_gets_the_default_over_rest(gateway_url: str) -> N
     status, body = http("POST", f"{gateway_url}/apps/{LONELY}/predict", {"features": [0.0] * 64})
     assert status == 200
     assert body["default"] is True and body["label"] == "7"
+
+
+def test_the_open_gateway_is_explicit_and_logged(gateway_urls: list[str], logs: Path) -> None:
+    port = gateway_urls[0].rsplit(":", 1)[1]
+    log = (logs / "worker-0.log").read_text()
+    assert f"REST gateway on :{port} (http, open: no authentication)" in log
+    assert "the REST gateway is OPEN (CLIPSTREAM_GATEWAY_AUTH=open)" in log
 
 
 # -- the prediction readers ------------------------------------------------------------

@@ -21,7 +21,10 @@ def test_the_document_lists_exactly_the_gateways_routes() -> None:
     assert documented == set(gateway.ROUTES)
     for method, path in gateway.ROUTES:
         responses = SPEC["paths"][path][method]["responses"]
-        assert {"400", "404"} <= set(responses), path
+        assert {"400", "401", "403", "404"} <= set(responses), path
+    # every route needs the bearer token
+    assert SPEC["security"] == [{"bearerToken": []}]
+    assert SPEC["components"]["securitySchemes"]["bearerToken"]["scheme"] == "bearer"
 
 
 def test_request_and_response_fields_match_the_code_and_the_avro_schema() -> None:
