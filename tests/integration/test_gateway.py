@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import ConsumerGroupState, Producer
+from confluent_kafka.admin import AdminClient
 
 from models import registry
 from models.training import digits_split
@@ -112,6 +113,15 @@ def gateway_urls(deployed: Settings, logs: Path):
                     return 0
 
             wait_for(listening, 120, f"the REST gateway at {url} to listen")
+        # Queries caught in the rebalance after the second worker joins may be re-read
+        # after their deadline and answered with the default: the tests start after it.
+        admin = AdminClient(deployed.kafka())
+
+        def one_stable_group_of_two() -> bool:
+            group = admin.describe_consumer_groups(["clipstream"])["clipstream"].result(10)
+            return group.state == ConsumerGroupState.STABLE and len(group.members) == 2
+
+        wait_for(one_stable_group_of_two, 120, "both workers in one stable group")
         _, X_test, _, _ = digits_split()
         reader = PredictionReader(deployed)
         try:
