@@ -249,5 +249,8 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
         )
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
+    try:
+        context.load_cert_chain(cert, key)
+    except OSError as exc:  # ssl.SSLError included
+        raise GatewayConfigError(f"gateway certificate {cert} or key {key}: {exc}") from None
     return context

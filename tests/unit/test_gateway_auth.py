@@ -128,10 +128,15 @@ def test_the_tokens_file_is_reread_when_it_changes(
         TokenAuth(settings(gateway_tokens_file=str(tmp_path / "missing")))
 
 
-def test_tls_needs_both_files() -> None:
+def test_tls_needs_both_files_and_readable_ones(tmp_path: Path) -> None:
     assert gateway_auth.server_ssl_context(settings()) is None
     with pytest.raises(GatewayConfigError, match="both"):
         gateway_auth.server_ssl_context(settings(gateway_certfile="cert.pem"))
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    with pytest.raises(GatewayConfigError, match="gateway certificate"):
+        gateway_auth.server_ssl_context(
+            settings(gateway_certfile=str(tmp_path / "cert.pem"), gateway_keyfile="missing.pem")
+        )
 
 
 def test_the_token_command_appends_a_hashed_entry(tmp_path: Path) -> None:
