@@ -25,6 +25,7 @@ from models.registry import ControlFollower
 from streams import faust_bulk, metrics, topics
 from streams.config import Settings
 from streams.gateway import Gateway, free_port, mount
+from streams.gateway_auth import server_ssl_context
 from streams.learning import Learner, Record
 from streams.serving import ServingLoop
 
@@ -73,6 +74,7 @@ class Worker:
             # the REST gateway (streams/gateway.py) is served by Faust's aiohttp web server
             web_enabled=True,
             web_port=free_port(settings.web_port),
+            web_ssl_context=server_ssl_context(settings),
             # only the gateway: Faust's own pages would expose table contents and stats
             web_tables_enabled=False,
             web_router_enabled=False,
@@ -184,7 +186,7 @@ def run_worker(settings: Settings, loglevel: str = "warn") -> None:
     port = metrics.serve(settings.metrics_port)
     log.warning("metrics on :%d", port)
     worker = Worker(settings)
-    log.warning("REST gateway on :%d", worker.app.conf.web_port)
+    log.warning("REST gateway on :%d (%s)", worker.app.conf.web_port, worker.gateway.describe())
     worker.start()
     try:
         FaustWorker(worker.app, loglevel=loglevel, quiet=True).execute_from_commandline()

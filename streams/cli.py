@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from streams.config import Settings
+from streams.limits import MAX_DEADLINE_MS
 
 console = Console(stderr=True)
 
@@ -114,9 +115,13 @@ def worker(
 ) -> None:
     """Run a worker: intake, cache, batching, merge and feedback (Faust), and the REST gateway."""
     from streams.app import run_worker
+    from streams.gateway_auth import GatewayConfigError
 
     settings = settings_for(partitions=partitions, metrics_port=metrics_port, web_port=web_port)
-    run_worker(settings, faust_log_level)
+    try:
+        run_worker(settings, faust_log_level)
+    except GatewayConfigError as exc:
+        fail(str(exc))
 
 
 @main.command()
@@ -144,6 +149,53 @@ def replica(
     port = metrics.serve(settings.metrics_port)
     logging.getLogger("clipstream.replica").warning("metrics on :%d", port)
     serve_forever(Replica(settings, model))
+
+
+@main.group()
+def gateway() -> None:
+    """Access to the REST gateway (docs/security.md)."""
+
+
+@gateway.command("token")
+@click.option(
+    "--app",
+    "scopes",
+    multiple=True,
+    required=True,
+    help="an app the token may call: APP (predict and feedback), APP:predict, APP:feedback, "
+    "or * for every app (repeatable)",
+)
+@click.option("--name", default=None, help="names the token in logs and 403s (default: random)")
+@click.option(
+    "--tokens-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="append the hashed entry here (default: CLIPSTREAM_GATEWAY_TOKENS_FILE; unset: "
+    "print it on stderr)",
+)
+def gateway_token(scopes: tuple[str, ...], name: str | None, tokens_file: Path | None) -> None:
+    """Create a bearer token: prints the token (only now) and stores only its SHA-256 hash."""
+    import os
+    import secrets
+
+    from streams.gateway_auth import GatewayConfigError, make_entry, new_token
+
+    token = new_token()
+    try:
+        entry = make_entry(name or f"token-{secrets.token_hex(4)}", token, list(scopes))
+    except GatewayConfigError as exc:
+        fail(str(exc))
+    path = tokens_file or Settings.from_env().gateway_tokens_file
+    if path is None:
+        # plain echo: rich would wrap the line
+        click.echo(f"add to CLIPSTREAM_GATEWAY_TOKENS(_FILE):\n{entry.line()}", err=True)
+    else:
+        # created readable by its owner only; a worker re-reads it within a second
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            f.write(entry.line() + "\n")
+        click.echo(f"token {entry.name!r} added to {path}", err=True)
+    click.echo(token)
 
 
 # -- registry ---------------------------------------------------------------------------
@@ -317,7 +369,7 @@ def status(urls: tuple[str, ...], window: float, as_json: bool) -> None:
 @click.argument("app_name")
 @click.argument("features")
 @click.option("--user", default=None)
-@click.option("--deadline-ms", type=int, default=None)
+@click.option("--deadline-ms", type=click.IntRange(1, MAX_DEADLINE_MS), default=None)
 @click.option("--timeout", type=float, default=10.0, show_default=True)
 def query(
     app_name: str, features: str, user: str | None, deadline_ms: int | None, timeout: float

@@ -31,6 +31,12 @@ class Settings:
     metrics_port: int = 0
     web_port: int = 0
     gateway_margin_ms: float = 500.0
+    #: "tokens" (every REST request needs a bearer token) or "open" (streams.gateway_auth)
+    gateway_auth: str = "tokens"
+    gateway_tokens_file: str | None = None
+    gateway_tokens: str | None = None
+    gateway_certfile: str | None = None
+    gateway_keyfile: str | None = None
     metrics_urls: str = ""
     batch_max: int = 256
     batch_wait_ms: float = 2.0

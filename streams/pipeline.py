@@ -27,7 +27,7 @@ from streams.answers import AnswerMemory, EmittedIds, Remembered
 from streams.config import Settings
 from streams.dispatch import Dispatcher
 from streams.emit import Emitter
-from streams.limits import MAX_DEADLINE_MS
+from streams.limits import deadline_problem
 from streams.offsets import Offsets
 from streams.pending import Answer, Pending, PendingQueries
 from streams.sensors import UNKNOWN, Sensor
@@ -209,8 +209,9 @@ class Pipeline:
         features = q["features"]
         if not features and q["raw"] is None and q["text"] is None:
             return "query has no input: features, raw and text are all empty"
-        if q["deadline_ms"] is not None and not 0 < q["deadline_ms"] <= MAX_DEADLINE_MS:
-            return f"deadline_ms must be in (0, {MAX_DEADLINE_MS}], got {q['deadline_ms']}"
+        problem = deadline_problem(q["deadline_ms"])
+        if problem is not None:
+            return problem
         dim = app["input_dim"]
         if dim is None:
             spec = self.registry.version_spec(app["models"][0])
