@@ -20,6 +20,8 @@ from streams.config import Settings
 from streams.demo import kafka
 
 console = Console(stderr=True)
+# the result tables go to stdout; written to a file or a pipe they keep their columns
+tables = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def run_bench(
@@ -46,12 +48,12 @@ def run_bench(
     with progress_bar() as progress, kafka(Settings.from_env(), workdir) as settings:
         figures = run_compare(settings, workdir, plan, progress, console.print)
     out = _write(figures, out or workdir / "bench.json")
-    Console().print(report.table(figures))
-    Console().print(report.hops_table(figures))
-    Console().print(report.cpu_table(figures))
+    tables.print(report.table(figures))
+    tables.print(report.hops_table(figures))
+    tables.print(report.cpu_table(figures))
     for extra in (report.workers_table(figures), report.sweep_table(figures)):
         if extra is not None:
-            Console().print(extra)
+            tables.print(extra)
     for name, why in figures["skipped"].items():
         console.print(f"[yellow]{name} not measured: {why}")
     if "clipstream-cache" in figures["systems"]:
@@ -105,9 +107,9 @@ def _run_ensemble(suite: str, plan: Plan, out: Path | None, workdir: Path | None
     with progress_bar() as progress, kafka(Settings.from_env(), workdir) as settings:
         figures = ensemble.run_ensemble(settings, workdir, suite, plan, progress)
     out = _write(figures, out or workdir / "bench.json")
-    Console().print(ensemble.sweep_table(figures))
+    tables.print(ensemble.sweep_table(figures))
     if "feedback" in figures:
-        Console().print(ensemble.feedback_table(figures))
+        tables.print(ensemble.feedback_table(figures))
     console.print(f"all figures: {out}")
     print(ensemble.summary_line(figures), flush=True)
     lost = sum(p.lost for p in figures["sweep"])
