@@ -26,7 +26,8 @@ def _stat_fields(pid: int) -> list[str] | None:
     return text[text.rindex(")") + 2 :].split()
 
 
-def _children_of() -> dict[int, list[int]]:
+def children_of() -> dict[int, list[int]]:
+    """Every process's children (one pass over /proc: reuse it for several trees)."""
     children: dict[int, list[int]] = defaultdict(list)
     for entry in PROC.iterdir():
         if entry.name.isdigit():
@@ -36,15 +37,19 @@ def _children_of() -> dict[int, list[int]]:
     return children
 
 
-def cpu_seconds(pid: int, *, tree: bool = True) -> float | None:
-    """CPU seconds ``pid`` has used (with ``tree``, its descendants' too); None if gone."""
+def cpu_seconds(
+    pid: int, *, tree: bool = True, children: dict[int, list[int]] | None = None
+) -> float | None:
+    """CPU seconds ``pid`` has used (with ``tree``, its descendants' too); None if gone.
+    ``children``: a map from ``children_of()`` taken a moment ago."""
     fields = _stat_fields(pid)
     if fields is None:
         return None
     # fields from the state on: utime, stime, cutime, cstime are the 12th-15th
     if not tree:
         return (int(fields[11]) + int(fields[12])) * _TICK_S
-    children = _children_of()
+    if children is None:
+        children = children_of()
     ticks, todo = 0, [pid]
     while todo:
         member = todo.pop()

@@ -17,7 +17,7 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from streams import codec, topics
-from streams.bench.cpu import cpu_seconds, pid_listening_on
+from streams.bench.cpu import children_of, cpu_seconds, pid_listening_on
 from streams.config import Settings
 from streams.kafka_util import consume_ready
 from streams.status import Samples, delta, scrape, select
@@ -66,7 +66,8 @@ class PhaseMeter:
         self.watched = watched
 
     def snapshot(self) -> Snapshot:
-        cpu = {w.name: cpu_seconds(w.pid, tree=w.tree) for w in self.watched}
+        tree = children_of()
+        cpu = {w.name: cpu_seconds(w.pid, tree=w.tree, children=tree) for w in self.watched}
         samples = {w.name: scrape(w.metrics_url) for w in self.watched if w.metrics_url}
         return Snapshot(time.monotonic(), cpu, samples)
 

@@ -170,6 +170,8 @@ def test_the_sweep_is_refined_at_the_knee(kafka_settings: Settings, tmp_path: Pa
         "--sweep",
         "--sweep-start",
         "400",
+        "--deadline-ms",
+        "2000",
         "--duration",
         "1",
         "--warmup",
@@ -202,6 +204,7 @@ def test_the_sweep_is_refined_at_the_knee(kafka_settings: Settings, tmp_path: Pa
             assert held(points[high]), name
             assert high < low <= high * 1.25 + 1e-6, (name, high, low)  # known within 25 %
         for p in f["sweep"]:
+            assert p["deadline_ms"] == 2000
             assert_costed(p["cost"], system_processes(name, 1), (name, p["rate"]))
     summary = parse_summary(done.stdout.strip().splitlines()[-1])
     assert summary["basis"] == "slo"
@@ -249,6 +252,7 @@ def test_the_ensemble_suite_with_feedback(kafka_settings: Settings, tmp_path: Pa
     )
     figures = json.loads(out.read_text())
     assert figures["app"]["workers"] == 2 and figures["app"]["personalised_users"] == 32
+    assert figures["app"]["deadline_ms"] == 1000
     assert [p["rate"] for p in figures["sweep"]] == [12.5, 20.0]
     assert figures["max_rate_under_slo"] is None
     for p in figures["sweep"]:
