@@ -39,6 +39,8 @@ from streams.bench.systems import avro_protocol, spawn_clipstream, wait_for_work
 from streams.config import Settings
 
 MODELS = ("digits-logreg", "digits-forest", "digits-svc")
+#: deployed under names of the bench's own, so a cluster's own deployments stay untouched
+DEPLOYED = {m: f"bench-{m}" for m in MODELS}
 SUITES = ("ensemble", "objective")
 #: the deadline each suite's app has unless the command line gives one
 DEADLINES_MS = {"ensemble": 1000, "objective": 20}
@@ -59,13 +61,13 @@ def run_ensemble(
     topics.ensure_topics(
         AdminClient(settings.kafka()), topics.TopicPlan(settings.partitions).core()
     )
-    for name in MODELS:
-        registry.deploy_model(settings, name, str(trained[name][0]), input_dim=X.shape[1])
+    for name, deployed in DEPLOYED.items():
+        registry.deploy_model(settings, deployed, str(trained[name][0]), input_dim=X.shape[1])
     app = f"bench-{suite}-{uuid.uuid4().hex[:8]}"
     registry.register_app(
         settings,
         app,
-        list(MODELS),
+        list(DEPLOYED.values()),
         policy="EXP4",
         deadline_ms=plan.deadline_ms,
         personalised=True,
@@ -76,7 +78,9 @@ def run_ensemble(
         "KAFKA_BOOTSTRAP_SERVERS": settings.require_bootstrap(),
         "CLIPSTREAM_PARTITIONS": str(settings.partitions),
     }
-    children, urls = spawn_clipstream(workdir / "logs", env, plan.workers, dict.fromkeys(MODELS, 1))
+    children, urls = spawn_clipstream(
+        workdir / "logs", env, plan.workers, dict.fromkeys(DEPLOYED.values(), 1)
+    )
     try:
         wait_for_workers(settings, plan.workers)
         protocol = avro_protocol(

@@ -228,8 +228,9 @@ def run_load(
 
         def on_reply(reply: Reply) -> None:
             nonlocal feedback_sent
-            if reply.error is None and not reply.default:
-                produce(producer, *write_feedback(reply.query_id, row_of[reply.query_id]))
+            row = row_of.get(reply.query_id)  # None: a late answer to an earlier phase's query
+            if row is not None and reply.error is None and not reply.default:
+                produce(producer, *write_feedback(reply.query_id, row))
                 feedback_sent += 1
 
     receiver = _Receiver(settings, protocol, on_reply)
@@ -281,11 +282,12 @@ def run_load(
         time.sleep(0.05)
     receiver.close()
     producer.flush(30)  # the last feedback records
-    cost = (
-        meter.stop(phase_start, len(receiver.received), feedback_sent)
-        if meter is not None and phase_start is not None
-        else {}
-    )
+    cost: dict[str, Any] = {}
+    if meter is not None and phase_start is not None:
+        # the answers to this phase's queries, warm-up included; not late answers to
+        # queries of an earlier phase (a readiness probe, say) that arrived meanwhile
+        answered = sum(q in row_of for q in receiver.received)
+        cost = meter.stop(phase_start, answered, feedback_sent)
     if progress is not None:
         progress(len(offsets), len(receiver.received))
     got = [(q, receiver.received[q]) for q in measured if q in receiver.received]

@@ -221,9 +221,9 @@ def test_the_sweep_is_refined_at_the_knee(kafka_settings: Settings, tmp_path: Pa
 ENSEMBLE_PROCESSES = {
     "worker-0",
     "worker-1",
-    "replica-digits-logreg",
-    "replica-digits-forest",
-    "replica-digits-svc",
+    "replica-bench-digits-logreg",
+    "replica-bench-digits-forest",
+    "replica-bench-digits-svc",
 }
 
 
