@@ -55,7 +55,7 @@ def table(figures: dict[str, Any]) -> Table:
             f"{light.p99_ms:.1f}",
             f"{cap.throughput_qps:.0f}",
             f"{cap.p99_ms:.0f}",
-            "-" if "sweep" not in f else (f"{best:.0f}" if best else "< start"),
+            "-" if "sweep" not in f else (f"{best:.0f}" if best else "none"),
             str(light.lost + cap.lost),
             str(light.defaults + cap.defaults),
             str(light.errors + cap.errors),

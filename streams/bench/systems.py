@@ -227,6 +227,7 @@ def wait_for_workers(settings: Settings, workers: int, timeout: float = 120.0) -
     deadline = time.monotonic() + timeout
     seen = "no group yet"
     while time.monotonic() < deadline:
+        # the workers' Faust app id (streams.app.Worker's default) is their consumer group
         future = admin.describe_consumer_groups(["clipstream"])["clipstream"]
         try:
             group = future.result(10)
