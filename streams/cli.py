@@ -425,9 +425,11 @@ def demo(rate: float, replicas: int, workdir: Path | None) -> None:
     "--suite",
     default="compare",
     show_default=True,
-    type=click.Choice(["compare", "batching", "selection"]),
+    type=click.Choice(["compare", "batching", "selection", "ensemble", "objective"]),
     help="compare: every system side by side under one load; batching: adaptive vs batch "
-    "size 1 (needs Kafka); selection: Exp3/Exp4 on digits",
+    "size 1 (needs Kafka); selection: Exp3/Exp4 on digits; ensemble: a personalised "
+    "3-model Exp4 app swept over rates, and feedback throughput; objective: the same app "
+    "with a 20 ms deadline",
 )
 @click.option(
     "--systems",
@@ -457,6 +459,22 @@ def demo(rate: float, replicas: int, workdir: Path | None) -> None:
     default=8.0,
     show_default=True,
     help="seconds of unmeasured load before the first system",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="clipstream workers, each with its own metrics port (compare: 1 and one replica "
+    "per worker; ensemble, objective: 2 and one replica per model)",
+)
+@click.option(
+    "--deadline-ms",
+    type=int,
+    default=None,
+    help="the queries' deadline (compare, ensemble: 1000; objective: 20)",
+)
+@click.option(
+    "--feedback", is_flag=True, help="ensemble: one feedback record per answered sweep query"
 )
 @click.option("--sweep", is_flag=True, help="also find each system's highest rate with p99<=SLO")
 @click.option("--slo-ms", type=float, default=50.0, show_default=True, help="p99 objective")
@@ -495,6 +513,9 @@ def bench(
     burst: int,
     arrivals: str,
     broker_warmup: float,
+    workers: int | None,
+    deadline_ms: int | None,
+    feedback: bool,
     sweep: bool,
     slo_ms: float,
     sweep_start: float,
@@ -507,8 +528,10 @@ def bench(
     """Measure side by side in one run (starts the embedded broker if none is configured)."""
     from streams.bench import run_bench
     from streams.bench.compare import Plan
+    from streams.bench.ensemble import DEADLINES_MS, SUITES
 
     exit_on_sigterm()
+    ensemble = suite in SUITES
     plan = Plan(
         systems=tuple(s for s in systems.split(",") if s),
         model=model,
@@ -521,6 +544,9 @@ def bench(
         slo_ms=slo_ms,
         sweep_start=sweep_start,
         warm_broker_s=broker_warmup,
+        workers=workers or (2 if ensemble else 1),
+        deadline_ms=deadline_ms or DEADLINES_MS.get(suite, 1000),
+        feedback=feedback,
     )
     sys.exit(
         run_bench(
