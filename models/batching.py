@@ -4,7 +4,6 @@ and delayed batching (a short window in which a batch may fill)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -66,61 +65,60 @@ class AIMDController:
         return self._max
 
 
-@dataclass(frozen=True)
-class BatchWindow:
-    max_wait_us: float
+class BatchPolicy:
+    """Clipper's delayed batching for one model: how many queued rows to send now.
 
+    Rows go at once to an idle model (nothing of it in flight: waiting would only add
+    latency), and to a busy one when a batch is full or its oldest row has waited out the
+    window. The policy only decides; the queue holds rows and the caller keeps time."""
 
-def should_flush(pending: int, max_batch: int, oldest_age_us: float, window: BatchWindow) -> bool:
-    return pending > 0 and (pending >= max_batch or oldest_age_us >= window.max_wait_us)
-
-
-class Batcher(Generic[T]):
-    """Items waiting for one model; hands out batches of at most the controller's limit."""
-
-    def __init__(self, controller: AIMDController, window: BatchWindow) -> None:
+    def __init__(self, controller: AIMDController, max_wait_us: float) -> None:
         self.controller = controller
-        self.window = window
+        self.max_wait_us = float(max_wait_us)
+
+    def take(self, queued: int, oldest_age_us: float, idle: bool) -> int:
+        """Rows to send now (0: wait)."""
+        if queued <= 0:
+            return 0
+        limit = self.controller.max_batch
+        if idle or queued >= limit or oldest_age_us >= self.max_wait_us:
+            return min(queued, limit)
+        return 0
+
+    def due_us(self, oldest_us: float) -> float:
+        """When a partial batch whose oldest row arrived at ``oldest_us`` is due."""
+        return oldest_us + self.max_wait_us
+
+
+class BatchQueue(Generic[T]):
+    """Rows waiting for one model, oldest first."""
+
+    def __init__(self) -> None:
         self._items: list[T] = []
-        self._oldest_us: float | None = None
+        self.oldest_us: float | None = None
 
-    @property
-    def pending(self) -> int:
+    def __len__(self) -> int:
         return len(self._items)
-
-    @property
-    def next_due_us(self) -> float | None:
-        if self._oldest_us is None:
-            return None
-        return self._oldest_us + self.window.max_wait_us
 
     def add(self, item: T, now_us: float) -> None:
         if not self._items:
-            self._oldest_us = now_us
+            self.oldest_us = now_us
         self._items.append(item)
 
-    def due(self, now_us: float) -> list[T] | None:
-        """A batch if one is full or the oldest item has waited out the window."""
-        age = 0.0 if self._oldest_us is None else now_us - self._oldest_us
-        if should_flush(len(self._items), self.controller.max_batch, age, self.window):
-            return self.flush()
-        return None
+    def take(self, n: int) -> list[T]:
+        """The ``n`` oldest rows. Rows left behind keep the oldest arrival time: they have
+        waited at least that long already."""
+        batch, self._items = self._items[:n], self._items[n:]
+        if not self._items:
+            self.oldest_us = None
+        return batch
 
     def retain(self, keep: Callable[[T], bool]) -> int:
-        """Drop the waiting items ``keep`` rejects (e.g. queries already answered at their
-        deadline), so a model that cannot keep up does not grow this queue without bound;
-        returns how many were dropped."""
+        """Drop the rows ``keep`` rejects (e.g. queries already answered at their deadline),
+        so a model that cannot keep up does not grow this queue without bound; returns how
+        many were dropped."""
         before = len(self._items)
         self._items = [item for item in self._items if keep(item)]
         if not self._items:
-            self._oldest_us = None
+            self.oldest_us = None
         return before - len(self._items)
-
-    def flush(self) -> list[T]:
-        """Up to one batch of the waiting items, oldest first. Items left behind keep the
-        oldest arrival time: they have waited at least that long already."""
-        size = self.controller.max_batch
-        batch, self._items = self._items[:size], self._items[size:]
-        if not self._items:
-            self._oldest_us = None
-        return batch

@@ -21,9 +21,10 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
 from models.specs import refusal
-from streams import codec, metrics, topics
+from streams import codec, topics
 from streams.config import Settings
 from streams.kafka_util import watermarks
+from streams.sensors import Sensor
 
 log = logging.getLogger("clipstream.registry")
 
@@ -82,10 +83,12 @@ class ControlFollower:
         settings: Settings,
         registry: Registry | None = None,
         on_change: Callable[[dict[str, Any]], None] | None = None,
+        sensor: Sensor | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry or Registry()
         self.on_change = on_change
+        self.sensor = sensor or Sensor()
         self._consumer = Consumer(
             settings.kafka(
                 **{
@@ -187,7 +190,7 @@ class ControlFollower:
     def _refuse(self, offset: int, record: dict[str, Any] | None, reason: str) -> None:
         self.refused += 1
         kind = record["kind"].lower() if record is not None else "undecodable"
-        metrics.CONTROL_REFUSED.labels(kind).inc()
+        self.sensor.on_control_refused(kind)
         log.error(
             "control record at offset %d refused, the last good spec stays: %s", offset, reason
         )
@@ -369,4 +372,5 @@ def ensure_model_topic(settings: Settings, name: str, partitions: int) -> None:
     topics.ensure_topics(
         admin,
         [NewTopic(topics.model_requests(name), partitions, 1, config={"retention.ms": "3600000"})],
+        grow=True,
     )

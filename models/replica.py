@@ -61,7 +61,7 @@ class Replica:
         self.stopping = threading.Event()
         self.ready = threading.Event()
         self.batches_served = 0
-        self.follower = ControlFollower(settings)
+        self.follower = ControlFollower(settings, sensor=metrics.Prometheus())
 
     # -- model versions -------------------------------------------------------------------
 

@@ -30,17 +30,20 @@ def combine(
     used = [i for i, label in enumerate(labels) if label is not None]
     if not used:
         return Combined(None, 0.0, [])
-    w = np.asarray([max(float(weights[i]), 0.0) for i in used])
-    w = w / w.sum() if w.sum() > 0 else np.full(len(used), 1.0 / len(used))
+    # plain floats: a handful of models and classes per query, where numpy's per-call
+    # overhead would cost more than the arithmetic
+    w = [max(float(weights[i]), 0.0) for i in used]
+    total_w = sum(w)
+    w = [x / total_w for x in w] if total_w > 0 else [1.0 / len(used)] * len(used)
     votes: dict[str, float] = {}
     for wi, i in zip(w, used, strict=True):
         s, names = scores[i], classes[i]
         if s is not None and len(names) == len(s) and len(names) > 1:
-            total = float(np.sum(s))
-            probs = s / total if total > 0 and np.all(s >= 0) else None
-            if probs is not None:
-                for name, p in zip(names, probs, strict=True):
-                    votes[name] = votes.get(name, 0.0) + wi * float(p)
+            values = s.tolist() if isinstance(s, np.ndarray) else list(s)
+            total = sum(values)
+            if total > 0 and min(values) >= 0:
+                for name, v in zip(names, values, strict=True):
+                    votes[name] = votes.get(name, 0.0) + wi * (v / total)
                 continue
         label = labels[i]
         assert label is not None

@@ -3,6 +3,8 @@ learn from the loss of the model that was used, importance-weighted by its proba
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,10 @@ class Exp3:
         self.eta = float(eta)
         self.gamma = float(gamma)
         self.logw = np.zeros(n_arms, dtype=np.float64)
+        # probabilities and their running sums, computed once per update: a query only
+        # samples from them
+        self._cumulative: list[float] | None = None
+        self._probs: list[float] = []
 
     @property
     def n_arms(self) -> int:
@@ -28,9 +34,14 @@ class Exp3:
         return (1.0 - self.gamma) * to_probs(self.logw) + self.gamma / self.n_arms
 
     def select(self, rng: np.random.Generator) -> tuple[int, float]:
-        p = self.probabilities()
-        arm = int(rng.choice(self.n_arms, p=p))
-        return arm, float(p[arm])
+        if self._cumulative is None:
+            self._probs = self.probabilities().tolist()
+            self._cumulative = list(itertools.accumulate(self._probs))
+        arm = min(
+            bisect.bisect_right(self._cumulative, rng.random() * self._cumulative[-1]),
+            self.n_arms - 1,
+        )
+        return arm, self._probs[arm]
 
     def update(self, arm: int, loss: float, prob: float) -> None:
         """``loss`` in [0, 1] of ``arm``, chosen with probability ``prob``."""
@@ -38,9 +49,11 @@ class Exp3:
         prob = max(float(prob), 1e-12)
         self.logw[arm] -= self.eta * loss / prob
         normalise(self.logw)
+        self._cumulative = None
 
     def resize(self, keep: list[int | None]) -> None:
         self.logw = resized(self.logw, len(keep), keep)
+        self._cumulative = None
 
     def to_state(self) -> dict[str, Any]:
         return {"eta": self.eta, "gamma": self.gamma, "logw": self.logw.tolist()}

@@ -28,6 +28,7 @@ class Exp4:
         self.eta = float(eta)
         self.share = float(share)
         self.logw = np.zeros(n_experts, dtype=np.float64)
+        self._weights: list[float] | None = None  # computed once per update
 
     @property
     def n_experts(self) -> int:
@@ -35,6 +36,12 @@ class Exp4:
 
     def weights(self) -> np.ndarray:
         return to_probs(self.logw)
+
+    def weight_list(self) -> list[float]:
+        """The weights as floats, computed once per update (every query reads them)."""
+        if self._weights is None:
+            self._weights = self.weights().tolist()
+        return self._weights
 
     def update(self, losses: np.ndarray, mask: np.ndarray | None = None) -> None:
         losses = np.clip(np.asarray(losses, dtype=np.float64), 0.0, 1.0)
@@ -49,9 +56,11 @@ class Exp4:
             w = (1.0 - self.share) * to_probs(self.logw) + self.share / self.n_experts
             self.logw = np.log(w)
         normalise(self.logw)
+        self._weights = None
 
     def resize(self, keep: list[int | None]) -> None:
         self.logw = resized(self.logw, len(keep), keep)
+        self._weights = None
 
     def to_state(self) -> dict[str, Any]:
         return {"eta": self.eta, "share": self.share, "logw": self.logw.tolist()}

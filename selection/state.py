@@ -7,11 +7,19 @@ from typing import Any
 
 import numpy as np
 
-from selection.ensemble import Combined, combine, loss_for, reward_to_loss
+from selection.ensemble import loss_for, reward_to_loss
 from selection.exp3 import Exp3
 from selection.exp4 import Exp4
 
 POLICIES = ("SINGLE", "EXP3", "EXP4")
+#: policies whose state learns from feedback
+LEARNING = ("EXP3", "EXP4")
+
+
+def selection_key(app: str, user: str | None) -> str:
+    """Whose selection state a query uses: the app's, or with ``user`` (for a personalised
+    app) that user's own."""
+    return app if not user else f"{app}|{user}"
 
 
 class SelectionState:
@@ -23,6 +31,21 @@ class SelectionState:
         self.algo = algo
         self.updates = 0
         self.last_offsets: dict[str, int] = {}
+
+    @classmethod
+    def for_app(cls, app: Mapping[str, Any]) -> SelectionState:
+        """A fresh state for an app's spec (its policy, models, eta and gamma)."""
+        return cls.new(app["policy"], list(app["models"]), eta=app["eta"], gamma=app["gamma"])
+
+    @classmethod
+    def following(cls, state: SelectionState | None, app: Mapping[str, Any]) -> SelectionState:
+        """``state`` made to follow the app's current spec: a new policy starts afresh, a
+        changed model list keeps the weights of the models that stay."""
+        if state is None or state.policy != app["policy"]:
+            return cls.for_app(app)
+        if state.models != app["models"]:
+            state.sync_models(list(app["models"]))
+        return state
 
     @classmethod
     def new(
@@ -42,7 +65,7 @@ class SelectionState:
         if isinstance(self.algo, Exp3):
             return [self.algo.select(rng)]
         if isinstance(self.algo, Exp4):
-            return [(i, float(w)) for i, w in enumerate(self.algo.weights())]
+            return list(enumerate(self.algo.weight_list()))
         return [(0, 1.0)]
 
     def weights(self) -> dict[str, float]:
@@ -53,19 +76,6 @@ class SelectionState:
         else:
             values = np.eye(1, len(self.models))[0]
         return {m: float(v) for m, v in zip(self.models, values, strict=True)}
-
-    def combine(
-        self,
-        answers: Mapping[str, tuple[str | None, np.ndarray | None, Sequence[str]]],
-    ) -> Combined:
-        names = list(answers)
-        w = self.weights()
-        return combine(
-            [answers[m][0] for m in names],
-            [answers[m][1] for m in names],
-            [answers[m][2] for m in names],
-            np.array([w.get(m, 0.0) for m in names]),
-        )
 
     # -- learning -----------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ except ModuleNotFoundError as missing:  # `pip install clipstream` is the SDK al
 
 from streams.config import KAFKA_LOGGER, Settings
 from streams.failures import Failure, check_kafka, explain
+from streams.limits import MAX_DEADLINE_MS
 
 log = logging.getLogger("clipstream.cli")
 console = Console(stderr=True)  # progress; results go to stdout
@@ -209,13 +210,17 @@ def worker(
     settings = settings_for(partitions=partitions, metrics_port=metrics_port, web_port=web_port)
     from models.registry import current
     from streams.app import run_worker
+    from streams.gateway_auth import GatewayConfigError
 
     if not current(settings).apps:  # also creates the core topics, as the worker would
         log.warning(
             "no app is registered yet: queries get an error prediction until one is "
             "(`clipstream app register NAME --models MODEL`); registrations apply at once"
         )
-    run_worker(settings, faust_log_level or LOG_LEVELS[ctx.parent.params["log_level"]])
+    try:
+        run_worker(settings, faust_log_level or LOG_LEVELS[ctx.parent.params["log_level"]])
+    except GatewayConfigError as exc:
+        fail(str(exc))
 
 
 @main.command()
@@ -245,6 +250,53 @@ def replica(
     port = metrics.serve(settings.metrics_port)
     logging.getLogger("clipstream.replica").warning("metrics on :%d", port)
     serve_forever(Replica(settings, model))
+
+
+@main.group()
+def gateway() -> None:
+    """Access to the REST gateway (docs/security.md)."""
+
+
+@gateway.command("token")
+@click.option(
+    "--app",
+    "scopes",
+    multiple=True,
+    required=True,
+    help="an app the token may call: APP (predict and feedback), APP:predict, APP:feedback, "
+    "or * for every app (repeatable)",
+)
+@click.option("--name", default=None, help="names the token in logs and 403s (default: random)")
+@click.option(
+    "--tokens-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="append the hashed entry here (default: CLIPSTREAM_GATEWAY_TOKENS_FILE; unset: "
+    "print it on stderr)",
+)
+def gateway_token(scopes: tuple[str, ...], name: str | None, tokens_file: Path | None) -> None:
+    """Create a bearer token: prints the token (only now) and stores only its SHA-256 hash."""
+    import os
+    import secrets
+
+    from streams.gateway_auth import GatewayConfigError, make_entry, new_token
+
+    token = new_token()
+    try:
+        entry = make_entry(name or f"token-{secrets.token_hex(4)}", token, list(scopes))
+    except GatewayConfigError as exc:
+        raise click.UsageError(str(exc)) from None  # a bad --name or --app
+    path = tokens_file or Settings.from_env().gateway_tokens_file
+    if path is None:
+        # plain echo: rich would wrap the line
+        click.echo(f"add to CLIPSTREAM_GATEWAY_TOKENS(_FILE):\n{entry.line()}", err=True)
+    else:
+        # created readable by its owner only; a worker re-reads it within a second
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            f.write(entry.line() + "\n")
+        click.echo(f"token {entry.name!r} added to {path}", err=True)
+    click.echo(token)
 
 
 # -- registry ---------------------------------------------------------------------------
@@ -426,7 +478,7 @@ def status(urls: tuple[str, ...], window: float, as_json: bool) -> None:
 @click.argument("app_name")
 @click.argument("features")
 @click.option("--user", default=None)
-@click.option("--deadline-ms", type=int, default=None)
+@click.option("--deadline-ms", type=click.IntRange(1, MAX_DEADLINE_MS), default=None)
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0.0, min_open=True),
@@ -509,7 +561,7 @@ def feedback(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
     help='replay a file of feedback records instead, one JSON object a line: {"query_id", '
-    '"app", "label" or "reward", "user"}',
+    '"app", "label" or "reward"}, against the answers on the predictions topic',
 )
 @click.option("--into", default=None, help="install the state into this app (default: --app)")
 @click.option(
@@ -546,8 +598,6 @@ def replay(
         raise Failure(
             f"app {target!r} is not registered: register it first (`clipstream app register`)"
         )
-    if records is None:
-        records = replaying.feedback_to_read(settings, from_offset, from_time_ms)
     columns = (
         "{task.description}",
         BarColumn(),
@@ -566,8 +616,9 @@ def replay(
             file=path,
             dry_run=dry_run,
             on_progress=lambda n: progress.advance(task, n),
+            on_total=lambda n: progress.update(task, total=n),
         )
-        progress.update(task, completed=records)
+        progress.update(task, completed=progress.tasks[0].total)
     if dry_run:
         Console().print(weights_table(replaying.live_states(settings, target), states))
     summary = " ".join(f"{k}={v}" for k, v in counts.items())
@@ -610,9 +661,11 @@ def demo(rate: float, replicas: int, workdir: Path | None) -> None:
     "--suite",
     default="compare",
     show_default=True,
-    type=click.Choice(["compare", "batching", "selection"]),
+    type=click.Choice(["compare", "batching", "selection", "ensemble", "objective"]),
     help="compare: every system side by side under one load; batching: adaptive vs batch "
-    "size 1 (needs Kafka); selection: Exp3/Exp4 on digits",
+    "size 1 (needs Kafka); selection: Exp3/Exp4 on digits; ensemble: a personalised "
+    "3-model Exp4 app swept over rates, and feedback throughput; objective: the same app "
+    "with a 20 ms deadline",
 )
 @click.option(
     "--systems",
@@ -642,6 +695,22 @@ def demo(rate: float, replicas: int, workdir: Path | None) -> None:
     default=8.0,
     show_default=True,
     help="seconds of unmeasured load before the first system",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="clipstream workers, each with its own metrics port (compare: 1 and one replica "
+    "per worker; ensemble, objective: 2 and one replica per model)",
+)
+@click.option(
+    "--deadline-ms",
+    type=int,
+    default=None,
+    help="the queries' deadline (compare, ensemble: 1000; objective: 20)",
+)
+@click.option(
+    "--feedback", is_flag=True, help="ensemble: one feedback record per answered sweep query"
 )
 @click.option("--sweep", is_flag=True, help="also find each system's highest rate with p99<=SLO")
 @click.option("--slo-ms", type=float, default=50.0, show_default=True, help="p99 objective")
@@ -680,6 +749,9 @@ def bench(
     burst: int,
     arrivals: str,
     broker_warmup: float,
+    workers: int | None,
+    deadline_ms: int | None,
+    feedback: bool,
     sweep: bool,
     slo_ms: float,
     sweep_start: float,
@@ -692,8 +764,10 @@ def bench(
     """Measure side by side in one run (starts the embedded broker if none is configured)."""
     from streams.bench import run_bench
     from streams.bench.compare import Plan
+    from streams.bench.ensemble import DEADLINES_MS, SUITES
 
     exit_on_sigterm()
+    ensemble = suite in SUITES
     plan = Plan(
         systems=tuple(s for s in systems.split(",") if s),
         model=model,
@@ -706,6 +780,9 @@ def bench(
         slo_ms=slo_ms,
         sweep_start=sweep_start,
         warm_broker_s=broker_warmup,
+        workers=workers or (2 if ensemble else 1),
+        deadline_ms=deadline_ms or DEADLINES_MS.get(suite, 1000),
+        feedback=feedback,
     )
     sys.exit(
         run_bench(

@@ -35,13 +35,30 @@ class Settings:
     metrics_port: int = 0
     web_port: int = 0
     gateway_margin_ms: float = 500.0
+    #: "tokens" (every REST request needs a bearer token) or "open" (streams.gateway_auth)
+    gateway_auth: str = "tokens"
+    gateway_tokens_file: str | None = None
+    gateway_tokens: str | None = None
+    gateway_certfile: str | None = None
+    gateway_keyfile: str | None = None
     metrics_urls: str = ""
     batch_max: int = 256
     batch_wait_ms: float = 2.0
-    bulk_intake: bool = True
-    intake_max: int = 1000
-    intake_wait_ms: float = 1.0
+    #: batches a model may have in flight per live replica (one computing, one on its way)
+    inflight_per_replica: int = 2
+    #: a query is answered this long before its deadline, so the answer reaches the app by
+    #: the deadline (at most a quarter of the deadline)
+    emit_margin_ms: float = 2.0
+    #: the serving group's session timeout: how long a crashed worker's partitions go
+    #: unserved (the broker's group.min.session.timeout.ms must allow it)
+    session_timeout_ms: int = 2000
+    #: observations reach the learner a fetched batch at a time (off: Faust's per-event
+    #: stream, to compare)
+    bulk_learn: bool = True
     cache_size: int = 100_000
+    #: query ids answered, remembered so a redelivered query is not answered twice
+    dedup_memory: int = 500_000
+    #: answers remembered per learning app's query, for its feedback
     answer_memory: int = 200_000
     answer_ttl_s: float = 3600.0
     # rebuild emitted ids and answers from the predictions topic on partition assignment

@@ -20,9 +20,10 @@ can only carry the offsets of a librdkafka consumer's group):
   which is what ``clipstream replay`` recomputes from the same two topics.
 
 "Safely before" is the timestamp of the query at the committed offset, less
-``MAX_CLOCK_SKEW_US`` (a prediction is produced after its query was read, so only clock
-skew between the app's and the worker's hosts can put it earlier), or further back to
-cover the answer memory's time to live, bounded by its capacity.
+``PREDICTION_SKEW_US`` (a prediction is produced after its query was read, so only clock
+skew between the broker that stamped the query and the worker that stamped its prediction
+can put it earlier), or further back to cover the answer memory's time to live, bounded by
+its capacity.
 """
 
 from __future__ import annotations
@@ -30,15 +31,23 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import OFFSET_INVALID, Consumer, TopicPartition
 
-from streams import codec, metrics, topics
+from models.registry import Registry
+from selection import selection_key
+from streams import codec, topics
+from streams.answers import Remembered
 from streams.config import Settings
 from streams.kafka_util import consume_ready
-from streams.pipeline import MAX_CLOCK_SKEW_US, Remembered, model_answers
+from streams.merge import model_answers
+
+# Queries are stamped by the broker (LogAppendTime) and predictions by the worker that made
+# them: servers' clocks, a few seconds apart at the very most.
+PREDICTION_SKEW_US = 5_000_000
 
 log = logging.getLogger("clipstream.dedup")
 
@@ -53,7 +62,18 @@ class Restored:
     starts: dict[int, int] | None = None
 
 
-def remembered_from(record: dict, key: str) -> Remembered | None:
+def key_function(registry: Registry) -> Callable[[Mapping[str, Any]], str]:
+    """The selection key of a Prediction record, as the worker that made it chose it."""
+
+    def key_of(record: Mapping[str, Any]) -> str:
+        app = registry.app(record["app"])
+        personalised = bool(app and app["personalised"])
+        return selection_key(record["app"], record["user"] if personalised else None)
+
+    return key_of
+
+
+def remembered_from(record: Mapping[str, Any], key: str) -> Remembered | None:
     """The answer memory entry a prediction stands for (None if it has no model answers,
     as an error prediction: feedback for it is rejected live and skipped by replay)."""
     if not record["answers"]:
@@ -136,7 +156,7 @@ def _first_redelivered(consumer: Consumer, partitions: list[int]) -> dict[int, i
 
 def _plan(consumer: Consumer, settings: Settings, partitions: list[int], now_ms: int) -> Plan:
     first = _first_redelivered(consumer, partitions)
-    skew_ms = MAX_CLOCK_SKEW_US // 1000
+    skew_ms = PREDICTION_SKEW_US // 1000
     recent_from: dict[int, int] = {}
     if first:  # offsets_for_times rejects an empty list
         found = consumer.offsets_for_times(
@@ -177,7 +197,10 @@ def _plan(consumer: Consumer, settings: Settings, partitions: list[int], now_ms:
 
 
 def read(
-    settings: Settings, ranges: dict[int, tuple[int, int]], group: str
+    settings: Settings,
+    ranges: dict[int, tuple[int, int]],
+    group: str,
+    key_of: Callable[[Mapping[str, Any]], str],
 ) -> tuple[list[tuple[str, Remembered | None]], Restored]:
     """The query ids answered in these ranges of the predictions topic, each with its answer
     memory entry (blocking I/O: the worker runs it in a thread and applies the result with
@@ -206,8 +229,7 @@ def read(
                     record = codec.decode("Prediction", msg.value())
                 except codec.DecodeError:
                     continue
-                key = msg.key().decode() if msg.key() else record["app"]
-                remembered = remembered_from(record, key)
+                remembered = remembered_from(record, key_of(record))
                 found.append((record["query_id"], remembered))
                 done.predictions += 1
                 done.remembered += remembered is not None
@@ -216,5 +238,4 @@ def read(
     finally:
         consumer.close()
     done.seconds = time.monotonic() - started
-    metrics.STAGE_LATENCY.labels("restore").observe(done.seconds)
     return found, done

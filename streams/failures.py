@@ -12,6 +12,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
+from streams import topics
 from streams.config import Settings
 
 log = logging.getLogger("clipstream.cli")
@@ -88,18 +89,14 @@ def explain(exc: BaseException) -> str:
     )
 
 
-#: the worker's consumer group: its Faust app id (streams.app.Worker)
-WORKER_GROUP = "clipstream"
-
-
 def workers_running(settings: Settings, timeout: float = 5.0) -> int:
-    """Members of the workers' consumer group (0 also when Kafka cannot tell)."""
+    """Members of the group of workers that serve queries (0 also when Kafka cannot tell)."""
     admin = AdminClient(settings.kafka())
     try:
-        (future,) = admin.describe_consumer_groups([WORKER_GROUP]).values()
+        (future,) = admin.describe_consumer_groups([topics.SERVING_GROUP]).values()
         return len(future.result(timeout).members)
     except Exception as exc:  # an unknown group is an error on some brokers: no workers
-        log.debug("describing group %s: %s", WORKER_GROUP, exc)
+        log.debug("describing group %s: %s", topics.SERVING_GROUP, exc)
         return 0
 
 

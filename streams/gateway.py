@@ -4,8 +4,11 @@
 client and waits for its prediction on ``clipstream.predictions``. The worker answering the
 HTTP call need not own the query's partition, so each worker process runs one shared
 predictions consumer over all partitions (from the end) and resolves waiting requests by
-query id. A request that sees no prediction by the query's deadline plus a margin is
+query id; predictions are keyed by query id, so it decodes only those of its own waiting
+requests. A request that sees no prediction by the query's deadline plus a margin is
 answered with the app's default output, flagged ``default: true``.
+
+Who may call it is decided before the body is read (``streams.gateway_auth``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from prometheus_client import Counter
 
 from models.registry import Registry
 from streams.config import Settings
+from streams.gateway_auth import Denied, TokenAuth
+from streams.limits import deadline_problem
+from streams.metrics import Prometheus
 from streams.sdk import Client, PredictionReader
 
 log = logging.getLogger("clipstream.gateway")
@@ -84,10 +90,9 @@ def parse_predict(body: Any, app: dict[str, Any]) -> dict[str, Any]:
             raise BadRequest(f"'{name}' must be a non-empty string")
         out[name] = value
     deadline = body.get("deadline_ms")
-    if deadline is not None and (
-        not isinstance(deadline, int) or isinstance(deadline, bool) or not 0 < deadline < 2**31
-    ):
-        raise BadRequest("'deadline_ms' must be a positive integer")
+    problem = deadline_problem(deadline)
+    if problem is not None:
+        raise BadRequest(problem)
     out["deadline_ms"] = deadline
     return out
 
@@ -121,8 +126,9 @@ class PredictionWaiter:
     """One consumer of every predictions partition, from the end, resolving futures by id."""
 
     def __init__(self, settings: Settings) -> None:
-        self.reader = PredictionReader(settings)
-        self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
+        self.reader = PredictionReader(settings, sensor=Prometheus())
+        # keyed by the query id's UTF-8 bytes, as the predictions' Kafka keys are
+        self._waiting: dict[bytes, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gateway-predictions", daemon=True)
@@ -133,23 +139,25 @@ class PredictionWaiter:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
         with self._lock:
-            self._waiting[qid] = (loop, future)
+            self._waiting[qid.encode()] = (loop, future)
         return future
 
     def forget(self, qid: str) -> None:
         with self._lock:
-            self._waiting.pop(qid, None)
+            self._waiting.pop(qid.encode(), None)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                records = self.reader.poll(0.1)
-            except Exception:  # a bad record must not stop every REST prediction
+                # The reader tests each key against _waiting without the lock: a dict
+                # membership test is atomic, and an id added meanwhile was not sent yet.
+                records = self.reader.poll(0.1, keys=self._waiting)
+            except Exception:  # a consumer error must not stop every REST prediction
                 log.exception("predictions consumer")
                 continue
             for record in records:
                 with self._lock:
-                    waiting = self._waiting.pop(record["query_id"], None)
+                    waiting = self._waiting.pop(record["query_id"].encode(), None)
                 if waiting is not None:
                     loop, future = waiting
                     loop.call_soon_threadsafe(_resolve, future, record)
@@ -176,8 +184,34 @@ class Gateway:
     def __init__(self, settings: Settings, registry: Registry) -> None:
         self.settings = settings
         self.registry = registry
+        self.auth = TokenAuth(settings)
+        self.tls = bool(settings.gateway_certfile)
+        if self.auth.open:
+            log.warning(
+                "the REST gateway is OPEN (CLIPSTREAM_GATEWAY_AUTH=open): anyone who reaches "
+                "its port may predict and send feedback for every app"
+            )
+        elif not self.auth.tokens:
+            log.warning(
+                "the REST gateway refuses every request: no tokens configured (set "
+                "CLIPSTREAM_GATEWAY_TOKENS_FILE, or CLIPSTREAM_GATEWAY_AUTH=open on a closed "
+                "network)"
+            )
+        elif not self.tls:
+            log.warning(
+                "REST bearer tokens travel in clear over HTTP: set CLIPSTREAM_GATEWAY_CERTFILE "
+                "and CLIPSTREAM_GATEWAY_KEYFILE, or terminate TLS in front of the gateway"
+            )
         self.client = Client(settings)
         self.waiter = PredictionWaiter(settings)
+
+    def describe(self) -> str:
+        """How the gateway listens, for the worker's start-up line."""
+        return f"{'https' if self.tls else 'http'}, {self.auth.describe()}"
+
+    def authorize(self, operation: str, app_name: str, authorization: str | None) -> Denied | None:
+        """None if a request with this Authorization header may call ``operation``."""
+        return self.auth.check(operation, app_name, authorization)
 
     async def predict(self, app_name: str, body: Any) -> tuple[int, dict[str, Any]]:
         app = self.registry.app(app_name)
@@ -252,6 +286,12 @@ def mount(faust_app: Any, gateway: Gateway) -> None:
     def view(route: str, operation: Any) -> type:
         class GatewayView(faust.web.View):
             async def post(self, request: Any, app: str) -> Any:
+                denied = gateway.authorize(route, app, request.headers.get("Authorization"))
+                if denied is not None:
+                    REQUESTS.labels(route, str(denied.status)).inc()
+                    return self.json(
+                        {"error": denied.reason}, status=denied.status, headers=denied.headers()
+                    )
                 try:
                     status, payload = await operation(app, await _read_json(request))
                 except BadRequest as exc:

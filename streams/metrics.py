@@ -5,7 +5,13 @@ dashboard that queries them."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from streams.sensors import Sensor
 
 # Latency buckets from 100 us to 10 s: a cache hit and a timed-out ensemble on one axis.
 LATENCY_BUCKETS = (
@@ -42,8 +48,18 @@ E2E_LATENCY = Histogram(
 STAGE_LATENCY = Histogram(
     "clipstream_stage_seconds",
     "Time spent per stage inside the worker",
-    ["stage"],  # intake | queue | model | merge | worker
+    ["stage"],  # intake | model | worker | restore
     buckets=LATENCY_BUCKETS,
+)
+STATE_STALENESS = Histogram(
+    "clipstream_selection_state_staleness_seconds",
+    "Time from a selection state's write by its owner to this worker reading it",
+    buckets=LATENCY_BUCKETS,
+)
+DELIVERY_FAILURES = Counter(
+    "clipstream_delivery_failures_total",
+    "Produces Kafka refused, by topic and what was done (retried | dead_lettered)",
+    ["topic", "action"],
 )
 CACHE = Counter("clipstream_cache_total", "Prediction cache look-ups", ["model", "result"])
 DEADLINE_MISSES = Counter(
@@ -53,7 +69,7 @@ DEADLINE_MISSES = Counter(
 )
 DEFAULTS = Counter("clipstream_default_outputs_total", "Default outputs emitted", ["app"])
 DEAD_LETTERS = Counter("clipstream_dead_letters_total", "Dead-letter records", ["stage"])
-# every process that follows the control topic (models.registry)
+# every process that follows the control topic (models.registry, through Sensor)
 CONTROL_REFUSED = Counter(
     "clipstream_control_refused_total",
     "Control records refused as invalid (the last good spec stays)",
@@ -77,7 +93,10 @@ LATE_ANSWERS = Counter(
 )
 FEEDBACK = Counter("clipstream_feedback_total", "Feedback records", ["app", "result"])
 BANDIT_WEIGHT = Gauge(
-    "clipstream_bandit_weight", "Selection weight per app and model", ["app", "model"]
+    "clipstream_bandit_weight",
+    "Selection weight per model of a non-personalised app (personalised apps keep one state "
+    "per user, too many for labels)",
+    ["app", "model"],
 )
 
 # replica
@@ -104,6 +123,78 @@ REPLICA_QUEUE_LATENCY = Histogram(
     ["model"],
     buckets=LATENCY_BUCKETS,
 )
+
+
+@lru_cache(maxsize=8192)
+def _child(metric: Any, *labels: str) -> Any:
+    """A metric's labelled child, looked up once: ``labels()`` costs ~10 us per call."""
+    return metric.labels(*labels)
+
+
+class Prometheus(Sensor):
+    """The worker's sensor hooks as Prometheus series."""
+
+    def on_queries(self, app: str, n: int) -> None:
+        _child(QUERIES, app).inc(n)
+
+    def on_control_refused(self, kind: str) -> None:
+        CONTROL_REFUSED.labels(kind).inc()
+
+    def on_intake(self, seconds_per_query: float) -> None:
+        _child(STAGE_LATENCY, "intake").observe(seconds_per_query)
+
+    def on_cache(self, model: str, hit: bool) -> None:
+        _child(CACHE, model, "hit" if hit else "miss").inc()
+
+    def on_prediction(
+        self, app: str, outcome: str, end_to_end_s: float | None, worker_s: float
+    ) -> None:
+        _child(PREDICTIONS, app, outcome).inc()
+        if outcome == "default":
+            _child(DEFAULTS, app).inc()
+        if end_to_end_s is not None:
+            _child(E2E_LATENCY, app).observe(end_to_end_s)
+        _child(STAGE_LATENCY, "worker").observe(worker_s)
+
+    def on_deadline_miss(self, app: str) -> None:
+        _child(DEADLINE_MISSES, app).inc()
+
+    def on_dead_letter(self, stage: str) -> None:
+        _child(DEAD_LETTERS, stage).inc()
+
+    def on_delivery_failed(self, topic: str, retried: bool) -> None:
+        _child(DELIVERY_FAILURES, topic, "retried" if retried else "dead_lettered").inc()
+
+    def on_batch_sent(self, model: str, rows: int) -> None:
+        _child(BATCH_SIZE, model).observe(rows)
+
+    def on_batch_answered(self, model: str, model_s: float, batch_max: int) -> None:
+        _child(STAGE_LATENCY, "model").observe(model_s)
+        _child(BATCH_MAX, model).set(batch_max)
+
+    def on_late_answers(self, model: str, n: int) -> None:
+        _child(LATE_ANSWERS, model).inc(n)
+
+    def on_hopeless_rows(self, model: str, n: int) -> None:
+        _child(HOPELESS_ROWS, model).inc(n)
+
+    def on_tick(self, pending: int, queued: Mapping[str, int]) -> None:
+        PENDING.set(pending)
+        for model, rows in queued.items():
+            _child(QUEUE_DEPTH, model).set(rows)
+
+    def on_feedback(self, app: str, result: str, n: int = 1) -> None:
+        _child(FEEDBACK, app, result).inc(n)
+
+    def on_weights(self, app: str, weights: Mapping[str, float]) -> None:
+        for model, weight in weights.items():
+            _child(BANDIT_WEIGHT, app, model).set(weight)
+
+    def on_state_staleness(self, seconds: float) -> None:
+        STATE_STALENESS.observe(seconds)
+
+    def on_restore(self, seconds: float) -> None:
+        _child(STAGE_LATENCY, "restore").observe(seconds)
 
 
 def serve(port: int) -> int:

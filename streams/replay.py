@@ -1,12 +1,15 @@
-"""``clipstream replay``: rebuild selection state from the feedback log.
+"""``clipstream replay``: rebuild selection state from the log it was learnt from.
 
-Each prediction carries every consulted model's answer and the probability or weight the
-policy gave it, so the predictions topic and the feedback topic (or a file of feedback
-records) together determine the selection state. Replay recomputes it from scratch, in
-each partition's offset order as the worker applies it, and writes one
-``SelectionSnapshot`` per selection key to the feedback topic; the worker owning the key
-installs it in its table. Recomputing from scratch is what makes replay idempotent:
+Every feedback record the workers accepted is on clipstream.observations, joined with the
+answers of its query and keyed by its selection key, in the order the key's one writer
+applied it (streams.learning). Replay folds that log again from scratch with the same
+``fold`` and writes one ``SelectionSnapshot`` per selection key to the same topic; the
+worker owning the key installs it and re-applies what arrived after the replay read. So
+a replay of everything from the beginning reproduces the live state bit for bit, and
 replaying twice installs the same state as replaying once.
+
+A file of feedback records (JSON lines) is replayed against the answers on the
+predictions topic, in the file's order.
 """
 
 from __future__ import annotations
@@ -15,32 +18,35 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from models.registry import Registry, current
-from selection import SelectionState
+from selection import SelectionState, selection_key
 from streams import codec, topics
 from streams.config import Settings
 from streams.kafka_util import consume_ready
-from streams.pipeline import model_answers, new_state, selection_key
+from streams.learning import fold
+from streams.merge import model_answers
 
 
 @dataclass
-class Answers:
-    key_user: str | None
-    labels: dict[str, str | None]
-    probs: dict[str, float]
+class Observed:
+    """One observation in log order: where it was, and the record."""
 
-
-@dataclass
-class FeedbackItem:
     partition: int
     offset: int
     record: dict[str, Any]
+
+
+@dataclass
+class Read:
+    """What a read of a topic covered: per partition, the last offset read."""
+
+    last: dict[int, int] = field(default_factory=dict)
 
 
 def read_topic(
@@ -48,9 +54,11 @@ def read_topic(
     topic: str,
     start: Callable[[int, int, int], int],
     on_progress: Callable[[int], None] | None = None,
-) -> Iterator[tuple[int, int, bytes | None]]:
-    """(partition, offset, value) from ``start(partition, low, high)`` up to the end the
-    topic had when the read began."""
+    covered: Read | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> Iterator[tuple[int, int, bytes | None, bytes | None]]:
+    """(partition, offset, key, value) from ``start(partition, low, high)`` up to the end
+    the topic had when the read began."""
     consumer = Consumer(
         settings.kafka(
             **{"group.id": f"clipstream-replay-{uuid.uuid4().hex}", "enable.auto.commit": False}
@@ -63,9 +71,13 @@ def read_topic(
         for p in sorted(parts):
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
             first = max(low, min(start(p, low, high), high))
+            if covered is not None and high > 0:
+                covered.last[p] = high - 1
             if first < high:
                 ends[p] = high
                 assignment.append(TopicPartition(topic, p, first))
+        if on_total is not None:
+            on_total(sum(ends[tp.partition] - tp.offset for tp in assignment))
         if not assignment:
             return
         consumer.assign(assignment)
@@ -74,42 +86,34 @@ def read_topic(
             for msg in consume_ready(consumer, 1000, 0.5):
                 if msg.error() or msg.partition() not in ends:
                     continue
-                yield msg.partition(), msg.offset(), msg.value()
+                if msg.offset() < ends[msg.partition()]:
+                    yield msg.partition(), msg.offset(), msg.key(), msg.value()
                 if on_progress is not None:
                     on_progress(1)
                 if msg.offset() + 1 >= ends[msg.partition()]:
                     del ends[msg.partition()]
+        if ends:
+            raise TimeoutError(f"{topic} partitions {sorted(ends)} not read within 600 s")
     finally:
         consumer.close()
 
 
-def collect_answers(settings: Settings, app: str) -> dict[str, Answers]:
-    """Query id -> what each model answered, from the predictions topic."""
-    found: dict[str, Answers] = {}
-    for _, _, value in read_topic(settings, topics.PREDICTIONS, lambda p, low, high: low):
-        try:
-            record = codec.decode("Prediction", value)
-        except codec.DecodeError:
-            continue
-        if record["app"] != app or not record["answers"]:
-            continue
-        labels, probs = model_answers(record)
-        found[record["query_id"]] = Answers(key_user=record["user"], labels=labels, probs=probs)
-    return found
-
-
-def feedback_from_topic(
+def observations_from_topic(
     settings: Settings,
+    app: str,
     from_offset: int | None = None,
     from_time_ms: int | None = None,
     on_progress: Callable[[int], None] | None = None,
-) -> Iterator[FeedbackItem]:
+    covered: Read | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> Iterator[Observed]:
+    """``app``'s observations, from the beginning, an offset (per partition) or a time."""
     starts: dict[int, int] = {}
     if from_time_ms is not None:
         consumer = Consumer(settings.kafka(**{"group.id": f"replay-{uuid.uuid4().hex}"}))
-        parts = consumer.list_topics(topics.FEEDBACK, timeout=30).topics[topics.FEEDBACK]
+        parts = consumer.list_topics(topics.OBSERVATIONS, timeout=30).topics[topics.OBSERVATIONS]
         found = consumer.offsets_for_times(
-            [TopicPartition(topics.FEEDBACK, p, from_time_ms) for p in parts.partitions],
+            [TopicPartition(topics.OBSERVATIONS, p, from_time_ms) for p in parts.partitions],
             timeout=30,
         )
         starts = {tp.partition: tp.offset for tp in found if tp.offset >= 0}
@@ -120,74 +124,109 @@ def feedback_from_topic(
             return starts.get(partition, high)
         return from_offset if from_offset is not None else low
 
-    for partition, offset, value in read_topic(settings, topics.FEEDBACK, start, on_progress):
-        if codec.kind_of(value, ("Feedback",)) is None:
-            continue  # snapshots from earlier replays, or bytes that are not feedback
-        yield FeedbackItem(partition, offset, codec.decode("Feedback", value))
+    for partition, offset, _key, value in read_topic(
+        settings, topics.OBSERVATIONS, start, on_progress, covered, on_total
+    ):
+        if codec.kind_of(value, ("Observation",)) is None:
+            continue  # snapshots of earlier replays, or bytes that are not observations
+        record = codec.decode("Observation", value)
+        if record["app"] == app:
+            yield Observed(partition, offset, record)
 
 
-def feedback_from_file(path: Path) -> Iterator[FeedbackItem]:
-    """JSON lines: {"query_id", "app", "user"?, "label"?, "reward"?} per line."""
+def observations_from_file(settings: Settings, app: str, path: Path) -> Iterator[Observed]:
+    """JSON lines of feedback ({"query_id", "app", "label"?, "reward"?} per line), joined
+    with the answers the predictions topic holds for their queries, in the file's order."""
+    answers: dict[str, dict[str, Any]] = {}
+    for _, _, _, value in read_topic(settings, topics.PREDICTIONS, lambda p, low, high: low):
+        try:
+            prediction = codec.decode("Prediction", value)
+        except codec.DecodeError:
+            continue
+        if prediction["app"] == app and prediction["answers"]:
+            answers[prediction["query_id"]] = prediction
     with path.open() as lines:
         for number, line in enumerate(lines):
-            if line.strip():
-                record = json.loads(line)
-                record.setdefault("user", None)
-                record.setdefault("label", None)
-                record.setdefault("reward", None)
-                yield FeedbackItem(-1, number, record)
+            if not line.strip():
+                continue
+            fb = json.loads(line)
+            if fb.get("app", app) != app or fb.get("query_id") not in answers:
+                continue
+            prediction = answers[fb["query_id"]]
+            labels, probs = model_answers(prediction)
+            yield Observed(
+                -1,
+                number,
+                {
+                    "key": app,
+                    "app": app,
+                    "query_id": fb["query_id"],
+                    "user": prediction["user"],
+                    "answers": [{"model": m, "label": labels[m], "prob": probs[m]} for m in labels],
+                    "label": None if fb.get("label") is None else str(fb["label"]),
+                    "reward": fb.get("reward"),
+                    "feedback_partition": -1,
+                    "feedback_offset": number,
+                    "at_us": 0,
+                },
+            )
 
 
 def rebuild(
-    registry: Registry,
-    app: str,
-    into: str,
-    answers: dict[str, Answers],
-    feedback: Iterable[FeedbackItem],
+    registry: Registry, into: str, observations: Iterable[Observed]
 ) -> tuple[dict[str, SelectionState], dict[str, int]]:
-    """Selection states of ``into``, learnt from ``app``'s feedback, and counts."""
+    """Selection states of app ``into`` folded from ``observations`` (in log order)."""
     spec = registry.app(into)
     if spec is None:
         raise ValueError(f"unknown app {into!r}: register it first")
     states: dict[str, SelectionState] = {}
-    counts = {"applied": 0, "unknown_query": 0, "other_app": 0, "no_signal": 0}
-    ordered = sorted(feedback, key=lambda f: (f.partition, f.offset))
-    for item in ordered:
-        fb = item.record
-        if fb["app"] != app:
-            counts["other_app"] += 1
-            continue
-        seen = answers.get(fb["query_id"])
-        if seen is None:
-            counts["unknown_query"] += 1
-            continue
-        if fb["label"] is None and fb["reward"] is None:
+    counts = {"applied": 0, "replayed": 0, "no_signal": 0}
+    for item in observations:
+        obs = item.record
+        if obs["label"] is None and obs["reward"] is None:
             counts["no_signal"] += 1
             continue
-        key = selection_key(into, seen.key_user if spec["personalised"] else None)
+        key = selection_key(into, obs["user"] if spec["personalised"] else None)
         state = states.get(key)
-        if state is None:
-            state = states[key] = new_state(spec)
-        state.learn(seen.labels, fb["label"], seen.probs, reward=fb["reward"])
-        if item.partition >= 0:
-            state.mark_applied(item.partition, item.offset)
-        counts["applied"] += 1
+        state = states[key] = SelectionState.following(state, spec)
+        if fold(state, obs):
+            counts["applied"] += 1
+        else:
+            counts["replayed"] += 1
     return states, counts
 
 
-def publish(settings: Settings, states: dict[str, SelectionState], app: str, source: str) -> None:
+def publish(
+    settings: Settings,
+    states: dict[str, SelectionState],
+    app: str,
+    source: str,
+    covered: Read | None = None,
+) -> None:
     producer = Producer(
         settings.kafka(**{"enable.idempotence": True, "partitioner": "murmur2_random"})
     )
+    parts = producer.list_topics(topics.OBSERVATIONS, timeout=30).topics[topics.OBSERVATIONS]
+    count = len(parts.partitions)
     for key, state in states.items():
-        record = {
-            "key": key,
-            "app": app,
-            "state": json.dumps(state.to_state()),
-            "source": source,
-            "at_us": time.time_ns() // 1000,
-        }
-        producer.produce(topics.FEEDBACK, codec.encode("SelectionSnapshot", record), key.encode())
+        partition = topics.partition_for(key, count)
+        observed = covered.last.get(partition, -1) if covered is not None else -1
+        producer.produce(
+            topics.OBSERVATIONS,
+            codec.encode(
+                "SelectionSnapshot",
+                {
+                    "key": key,
+                    "app": app,
+                    "state": json.dumps(state.to_state()),
+                    "source": source,
+                    "at_us": time.time_ns() // 1000,
+                    "observed_offset": observed,
+                },
+            ),
+            key.encode(),
+            partition=partition,
+        )
     if producer.flush(30) != 0:
         raise TimeoutError("snapshots not delivered within 30 s")
 
@@ -202,27 +241,26 @@ def replay(
     file: Path | None = None,
     dry_run: bool = False,
     on_progress: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, SelectionState], dict[str, int]]:
     into = into or app
     registry = current(settings)
-    answers = collect_answers(settings, app)
+    covered = Read()
     if file is not None:
-        feedback: Iterable[FeedbackItem] = feedback_from_file(file)
+        observations: Iterable[Observed] = observations_from_file(settings, app, file)
         source = f"file {file}"
     else:
-        feedback = feedback_from_topic(settings, from_offset, from_time_ms, on_progress)
-        source = f"{topics.FEEDBACK} of {app}"
-    states, counts = rebuild(registry, app, into, answers, feedback)
+        observations = observations_from_topic(
+            settings, app, from_offset, from_time_ms, on_progress, covered, on_total
+        )
+        source = f"{topics.OBSERVATIONS} of {app}"
+    states, counts = rebuild(registry, into, observations)
     if not dry_run:
-        publish(settings, states, into, source)
+        publish(settings, states, into, source, covered)
     return states, counts
 
 
-# -- for the command line: what a replay will read, and the states workers hold now ---------
-
-#: the worker's selection table changelog (Faust app ``clipstream``, table ``selection``):
-#: compacted, key the selection key, value the JSON of ``SelectionState.to_state()``
-SELECTION_CHANGELOG = "clipstream-selection-changelog"
+# -- for the command line: checking a file before a replay, and the states workers hold now -
 
 
 class FeedbackFileError(ValueError):
@@ -230,8 +268,9 @@ class FeedbackFileError(ValueError):
 
 
 def check_feedback_file(path: Path) -> int:
-    """Check a JSON-lines file of feedback records before replaying it; returns how many
-    records it holds. Raises FeedbackFileError naming the first bad line."""
+    """Check a JSON-lines file of feedback records before replaying it (observations_from_file
+    would stop at the first bad line with a bare JSON error); returns how many records it
+    holds. Raises FeedbackFileError naming the first bad line."""
     count = 0
     with path.open() as lines:
         for number, line in enumerate(lines, 1):
@@ -244,14 +283,13 @@ def check_feedback_file(path: Path) -> int:
                 raise FeedbackFileError(f"{where}: not JSON ({exc.msg})") from None
             if not isinstance(record, dict):
                 raise FeedbackFileError(f"{where}: expected a JSON object")
-            for key in ("query_id", "app"):
-                if not isinstance(record.get(key), str):
-                    raise FeedbackFileError(f'{where}: "{key}" must be a string')
+            if not isinstance(record.get("query_id"), str):
+                raise FeedbackFileError(f'{where}: "query_id" must be a string')
+            if not isinstance(record.get("app", ""), str):
+                raise FeedbackFileError(f'{where}: "app" must be a string')
             label, reward = record.get("label"), record.get("reward")
-            if label is not None and not isinstance(label, str):
-                raise FeedbackFileError(
-                    f'{where}: "label" must be a string as the models answer it, e.g. "0"'
-                )
+            if isinstance(label, bool) or not isinstance(label, str | int | float | None):
+                raise FeedbackFileError(f'{where}: "label" must be a string or a number')
             if reward is not None and (
                 isinstance(reward, bool) or not isinstance(reward, int | float)
             ):
@@ -260,84 +298,29 @@ def check_feedback_file(path: Path) -> int:
     return count
 
 
-def feedback_to_read(
-    settings: Settings, from_offset: int | None = None, from_time_ms: int | None = None
-) -> int:
-    """How many records of the feedback topic a replay from these bounds reads (snapshots
-    of earlier replays included): the total of its progress bar."""
-    consumer = Consumer(settings.kafka(**{"group.id": f"replay-{uuid.uuid4().hex}"}))
-    try:
-        parts = sorted(
-            consumer.list_topics(topics.FEEDBACK, timeout=30).topics[topics.FEEDBACK].partitions
-        )
-        starts: dict[int, int] = {}
-        if from_time_ms is not None:
-            found = consumer.offsets_for_times(
-                [TopicPartition(topics.FEEDBACK, p, from_time_ms) for p in parts], timeout=30
-            )
-            starts = {tp.partition: tp.offset for tp in found if tp.offset >= 0}
-        total = 0
-        for p in parts:
-            low, high = consumer.get_watermark_offsets(
-                TopicPartition(topics.FEEDBACK, p), timeout=30
-            )
-            if from_time_ms is not None:
-                first = starts.get(p, high)
-            else:
-                first = from_offset if from_offset is not None else low
-            total += high - max(low, min(first, high))
-        return total
-    finally:
-        consumer.close()
+class _Latest(dict[str, bytes]):
+    """The latest serialised state per key, as ChangelogTail hands changelog records over."""
+
+    def apply(self, key: str, value: bytes | None) -> None:
+        if value is None:
+            self.pop(key, None)
+        else:
+            self[key] = value
 
 
 def live_states(settings: Settings, app: str) -> dict[str, SelectionState]:
     """The selection states of ``app`` (keys ``app`` and ``app|user``) that workers hold now:
-    the selection table's changelog read to its end, the latest record per key."""
-    latest: dict[str, bytes | None] = {}
-    consumer = Consumer(
-        settings.kafka(
-            **{"group.id": f"clipstream-replay-{uuid.uuid4().hex}", "enable.auto.commit": False}
-        )
-    )
+    the selection table's changelog read to its end."""
+    from streams.state_view import ChangelogTail, StateView
+
+    latest = _Latest()
+    tail = ChangelogTail(settings, cast(StateView, latest))  # it only calls apply()
     try:
-        md = consumer.list_topics(SELECTION_CHANGELOG, timeout=30).topics.get(SELECTION_CHANGELOG)
-        if md is None or md.error is not None:
-            return {}  # no worker has run yet: nothing is live
-        ends: dict[int, int] = {}
-        assignment = []
-        for p in sorted(md.partitions):
-            low, high = consumer.get_watermark_offsets(
-                TopicPartition(SELECTION_CHANGELOG, p), timeout=30
-            )
-            if high > low:
-                ends[p] = high
-                assignment.append(TopicPartition(SELECTION_CHANGELOG, p, low))
-        consumer.assign(assignment)
-        deadline = time.monotonic() + 120
-        while ends:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{SELECTION_CHANGELOG} not read to its end within 120 s")
-            for msg in consume_ready(consumer, 1000, 0.5):
-                if msg.error() or msg.partition() not in ends:
-                    continue
-                latest[_table_key(msg.key())] = msg.value()
-                if msg.offset() + 1 >= ends[msg.partition()]:
-                    del ends[msg.partition()]
+        tail.catch_up()
     finally:
-        consumer.close()
+        tail.close()
     return {
         key: SelectionState.from_state(json.loads(value))
         for key, value in sorted(latest.items())
-        if value is not None and (key == app or key.startswith(f"{app}|"))
+        if key == app or key.startswith(f"{app}|")
     }
-
-
-def _table_key(raw: bytes | None) -> str:
-    # Faust serialises the table's str keys as JSON strings
-    text = (raw or b"").decode("utf-8", errors="replace")
-    try:
-        key = json.loads(text)
-    except ValueError:
-        return text
-    return key if isinstance(key, str) else text

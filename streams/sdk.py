@@ -1,32 +1,35 @@
 """Client SDK for applications (confluent-kafka): send queries and feedback, read predictions.
 
-Queries and feedback are keyed by the selection key (``app`` or ``app|user``), so a query,
-its feedback and the selection state they touch land on the same partition.
+A query and its feedback are both keyed by the query id (with the same partitioner), so
+they land on the same partition: the worker that answered a query is the one that joins
+its feedback to the answers. Queries of one app thus spread over every partition and
+every worker, whoever the user is.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from streams import codec, topics
 from streams.config import Settings
 from streams.kafka_util import consume_ready, watermarks
+from streams.limits import deadline_problem
+from streams.sensors import Sensor
+
+log = logging.getLogger("clipstream.sdk")
 
 
 def now_us() -> int:
     return time.time_ns() // 1000
-
-
-def query_key(app: str, user: str | None) -> bytes:
-    return (app if not user else f"{app}|{user}").encode()
 
 
 class SeenIds:
@@ -74,7 +77,11 @@ class Client:
         raw: bytes | None = None,
         text: str | None = None,
     ) -> str:
-        """Produce one query; returns its id."""
+        """Produce one query; returns its id. Raises ValueError for a ``deadline_ms`` the
+        worker would reject (outside (0, ``streams.limits.MAX_DEADLINE_MS``])."""
+        problem = deadline_problem(deadline_ms)
+        if problem is not None:
+            raise ValueError(problem)
         qid = query_id or uuid.uuid4().hex
         record = {
             "query_id": qid,
@@ -86,7 +93,7 @@ class Client:
             "sent_at_us": now_us(),
             "deadline_ms": deadline_ms,
         }
-        self._produce(topics.QUERIES, codec.encode("Query", record), query_key(app, user))
+        self._produce(topics.QUERIES, codec.encode("Query", record), qid.encode())
         return qid
 
     def send_feedback(
@@ -106,7 +113,7 @@ class Client:
             "reward": reward,
             "sent_at_us": now_us(),
         }
-        self._produce(topics.FEEDBACK, codec.encode("Feedback", record), query_key(app, user))
+        self._produce(topics.FEEDBACK, codec.encode("Feedback", record), query_id.encode())
 
     def _produce(self, topic: str, value: bytes, key: bytes) -> None:
         while True:
@@ -134,8 +141,11 @@ class PredictionReader:
         *,
         from_beginning: bool = False,
         group_id: str | None = None,
+        sensor: Sensor | None = None,
     ) -> None:
         self.settings = settings or Settings.from_env()
+        # hooks, not a metrics library: the SDK needs only confluent-kafka and fastavro
+        self.sensor = sensor or Sensor()
         self.consumer = Consumer(
             self.settings.kafka(
                 **{
@@ -161,19 +171,68 @@ class PredictionReader:
         else:
             self.consumer.subscribe([topics.PREDICTIONS])
         self.seen = SeenIds()
+        #: malformed predictions skipped (each also dead-lettered)
+        self.malformed = 0
+        self._dead_letters: Producer | None = None
 
-    def poll(self, timeout: float = 0.1, max_records: int = 1000) -> list[dict[str, Any]]:
+    def poll(
+        self, timeout: float = 0.1, max_records: int = 1000, keys: Container[bytes] | None = None
+    ) -> list[dict[str, Any]]:
+        """The predictions that arrived, each query id once.
+
+        ``keys``: decode only predictions whose Kafka key (the query id, UTF-8) is in it and
+        skip the rest undecoded. A malformed prediction is skipped, counted in
+        ``malformed`` and dead-lettered; the rest of the batch is returned as usual."""
         out = []
         for msg in consume_ready(self.consumer, max_records, timeout):
-            if msg.error():
-                if msg.error().code() != KafkaError._PARTITION_EOF:
-                    raise RuntimeError(f"predictions topic: {msg.error()}")
+            error = msg.error()
+            if error is not None:
+                if error.fatal():
+                    raise KafkaException(error)
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("predictions topic: %s", error)
                 continue
-            record = codec.decode("Prediction", msg.value())
+            if keys is not None and msg.key() not in keys:
+                continue
+            try:
+                record = codec.decode("Prediction", msg.value())
+            except codec.DecodeError as exc:
+                self._dead_letter(msg, str(exc))
+                continue
             if self.seen.first_time(record["query_id"]):
                 record["received_at_us"] = now_us()
                 out.append(record)
         return out
+
+    def _dead_letter(self, msg: Message, reason: str) -> None:
+        self.malformed += 1
+        self.sensor.on_dead_letter("reader")
+        log.warning(
+            "skipped a malformed prediction (partition %d, offset %d): %s",
+            msg.partition(),
+            msg.offset(),
+            reason,
+        )
+        if self._dead_letters is None:
+            self._dead_letters = Producer(self.settings.kafka(**{"linger.ms": 0}))
+        key = msg.key()
+        try:
+            query_id = key.decode() if key else None  # predictions are keyed by query id
+        except UnicodeDecodeError:
+            query_id = None
+        record = {
+            "source_topic": topics.PREDICTIONS,
+            "partition": msg.partition(),
+            "offset": msg.offset(),
+            "key": key,
+            "value": msg.value(),
+            "reason": reason,
+            "stage": "reader",
+            "query_id": query_id,
+            "at_us": now_us(),
+        }
+        self._dead_letters.produce(topics.DEADLETTER, codec.encode("DeadLetter", record), key)
+        self._dead_letters.poll(0)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
@@ -181,6 +240,8 @@ class PredictionReader:
 
     def close(self) -> None:
         self.consumer.close()
+        if self._dead_letters is not None and self._dead_letters.flush(5):
+            log.error("dead letters of malformed predictions not delivered within 5 s")
 
 
 class Predictor:
@@ -198,7 +259,12 @@ class Predictor:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for record in self.reader.poll(0.1):
+            try:
+                records = self.reader.poll(0.1)
+            except Exception:  # waiting callers time out; later predictions still resolve
+                log.exception("predictions consumer")
+                continue
+            for record in records:
                 with self._lock:
                     future = self._waiting.pop(record["query_id"], None)
                 if future is not None:
@@ -209,7 +275,12 @@ class Predictor:
         future: Future[dict[str, Any]] = Future()
         with self._lock:
             self._waiting[qid] = future
-        self.client.send_query(app, features, query_id=qid, **kw)
+        try:
+            self.client.send_query(app, features, query_id=qid, **kw)
+        except Exception:
+            with self._lock:
+                self._waiting.pop(qid, None)
+            raise
         self.client.producer.flush(5)
         return future
 

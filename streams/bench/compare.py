@@ -2,11 +2,14 @@
 
 Per system: a run at light load (its p50 is the latency figure), a burst that measures
 capacity (queries answered per second while the system is saturated), and with
-``sweep`` the highest offered rate whose p99 stays under the latency objective.
+``sweep`` the highest offered rate whose p99 stays under the latency objective. Every
+phase is metered (``streams.bench.meter``): CPU per query of each process the system
+runs, of the broker and of the load generator, and each clipstream worker's share.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import uuid
@@ -20,7 +23,8 @@ import numpy as np
 from models.files import load_model
 from models.training import digits_split, train_digits_models, train_wide_model, wide_dataset
 from streams.bench import systems
-from streams.bench.loadgen import LoadResult, run_load, wait_ready
+from streams.bench.loadgen import LoadResult, Protocol, run_load, wait_ready
+from streams.bench.meter import PhaseMeter
 from streams.bench.peer import PeerUnavailable
 from streams.config import Settings
 from streams.processes import Child
@@ -46,7 +50,16 @@ class Plan:
     sweep_start: float = 250.0
     sweep_factor: float = 1.6
     sweep_max: float = 100_000.0
+    #: when even the first rate fails, the sweep steps down to this rate at the lowest
+    sweep_min: float = 10.0
+    #: the knee is refined until the first failing rate is within this of the last held
+    sweep_precision: float = 0.25
     warm_broker_s: float = 8.0
+    #: clipstream's workers (and one replica per worker)
+    workers: int = 1
+    #: ensemble suites: users the personalised app serves, feedback with every answer
+    users: int = 32
+    feedback: bool = False
 
 
 Progress = Callable[[str, int, int, int], None]  # (phase, total, sent, received)
@@ -76,14 +89,47 @@ def model_compute_us(estimator: Any, X: np.ndarray, repeats: int = 200) -> float
     return float(np.median(times) / 1000)
 
 
+def held(r: LoadResult, slo_ms: float) -> bool:
+    """A rate holds when p99 is within the objective, nothing is lost and models (not
+    default outputs) answered at least 90 % of the offered rate."""
+    assert r.rate is not None
+    return r.p99_ms <= slo_ms and r.lost == 0 and r.throughput_qps >= 0.9 * r.rate
+
+
+def next_rate(held_rate: float | None, failed_rate: float | None, plan: Plan) -> float | None:
+    """The sweep's next offered rate, or None when the knee is known closely enough.
+
+    Up by ``sweep_factor`` while every rate holds; down by it while none has; then
+    geometric bisection between the highest rate that held and the lowest that failed,
+    until the failure is within ``sweep_precision`` of the held rate."""
+    if failed_rate is None:
+        rate = plan.sweep_start if held_rate is None else held_rate * plan.sweep_factor
+        return rate if rate <= plan.sweep_max else None
+    if held_rate is None:
+        rate = failed_rate / plan.sweep_factor
+        return rate if rate >= plan.sweep_min else None
+    if failed_rate <= held_rate * (1 + plan.sweep_precision):
+        return None
+    return math.sqrt(held_rate * failed_rate)
+
+
 def sweep(
-    settings: Settings, name: str, protocol: Any, X: np.ndarray, plan: Plan, progress: Progress
-) -> tuple[list[LoadResult], float | None]:
-    """Raise the rate until p99 passes the objective or queries fall behind; returns the
-    points and the highest rate that held (None if even the first did not)."""
+    settings: Settings,
+    name: str,
+    protocol: Protocol,
+    X: np.ndarray,
+    plan: Plan,
+    progress: Progress,
+    meter: PhaseMeter | None = None,
+    feedback: bool = False,
+) -> tuple[list[LoadResult], float | None, float | None]:
+    """Find the highest rate whose p99 holds the objective, refined near the knee; returns
+    the points by rate, that rate (None if none held down to ``sweep_min``) and the lowest
+    rate that failed (None if none did up to ``sweep_max``)."""
     points: list[LoadResult] = []
-    rate, best = plan.sweep_start, None
-    while rate <= plan.sweep_max:
+    best: float | None = None
+    failed: float | None = None
+    while (rate := next_rate(best, failed, plan)) is not None:
         r = run_load(
             settings,
             name,
@@ -95,14 +141,15 @@ def sweep(
             arrivals=plan.arrivals,
             deadline_ms=plan.deadline_ms,
             progress=lambda s, g, n=rate: progress(f"{name} sweep {n:.0f}/s", -1, s, g),
+            feedback=feedback,
+            meter=meter,
         )
         points.append(r)
-        held = r.p99_ms <= plan.slo_ms and r.lost == 0 and r.throughput_qps >= 0.9 * rate
-        if not held:
-            break
-        best = rate
-        rate *= plan.sweep_factor
-    return points, best
+        if held(r, plan.slo_ms):
+            best = rate
+        else:
+            failed = rate
+    return sorted(points, key=lambda p: p.rate or 0.0), best, failed
 
 
 def measure(
@@ -115,6 +162,7 @@ def measure(
 ) -> dict[str, Any]:
     """Start one system, measure it, stop it (the clipstream pair shares one start)."""
     protocol, children = systems.start(name, ctx)
+    meter = PhaseMeter(ctx.watched(children))
     try:
         ready_s = wait_ready(ctx.settings, protocol, X)
         if warm_broker_s > 0:
@@ -142,6 +190,7 @@ def measure(
             arrivals=plan.arrivals,
             deadline_ms=plan.deadline_ms,
             progress=lambda s, g: progress(f"{name} light {plan.light_rate:.0f}/s", n_light, s, g),
+            meter=meter,
         )
         n_burst = plan.burst + int(plan.warmup_s * min(plan.light_rate, 200))
         capacity = run_load(
@@ -155,6 +204,7 @@ def measure(
             deadline_ms=plan.burst_deadline_ms,
             grace_s=30.0,
             progress=lambda s, g: progress(f"{name} burst", n_burst, s, g),
+            meter=meter,
         )
         out: dict[str, Any] = {
             "description": systems.DESCRIPTIONS[name],
@@ -163,9 +213,10 @@ def measure(
             "capacity": capacity,
         }
         if plan.sweep:
-            points, best = sweep(ctx.settings, name, protocol, X, plan, progress)
+            points, best, failed = sweep(ctx.settings, name, protocol, X, plan, progress, meter)
             out["sweep"] = points
             out["max_rate_under_slo"] = best
+            out["first_failed_rate"] = failed
         if name == "clipstream-cache":
             out["cache_hit_rate"] = capacity.cache_hits / max(1, capacity.received)
         return out
@@ -179,14 +230,22 @@ def _stop(children: list[Child]) -> None:
         child.stop()
 
 
-def capacity_of(figures: dict[str, Any]) -> float:
-    """The throughput a ratio uses: the sweep's sustained rate if there was one."""
-    if figures.get("max_rate_under_slo") is not None:
-        return float(figures["max_rate_under_slo"])
+def capacity_of(figures: dict[str, Any]) -> float | None:
+    """The throughput a ratio uses: with a sweep, the highest rate that held the objective
+    (None if none did: a sweep's figure is never compared with another's burst), else
+    the burst capacity."""
+    if "sweep" in figures:
+        best = figures.get("max_rate_under_slo")
+        return None if best is None else float(best)
     return float(figures["capacity"].throughput_qps)
 
 
-def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+def system_cpu_us(figures: dict[str, Any]) -> float | None:
+    """CPU per query of all of a system's own processes, at its burst (saturated)."""
+    return figures["capacity"].cost.get("cpu_us_per_query", {}).get("system")
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Computed from this run's own figures, so they are side by side by construction."""
     cs = results.get("clipstream")
 
@@ -199,12 +258,19 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     def p50(name: str) -> float | None:
         return results[name]["light"].p50_ms if name in results else None
 
+    def cpu(name: str) -> float | None:
+        return system_cpu_us(results[name]) if name in results else None
+
     return {
+        "basis": "slo" if any("sweep" in f for f in results.values()) else "burst",
         "speedup_vs_naive": ratio(cap("clipstream"), cap("naive")) if cs else None,
         "p50_vs_floor": ratio(p50("clipstream"), p50("floor")) if cs else None,
         "speedup_vs_peer": ratio(cap("clipstream"), cap("peer")) if cs else None,
         # the most any system on this path could gain over the naive loop here
         "ceiling_vs_naive": ratio(cap("floor"), cap("naive")),
+        # CPU per query of the system's own processes, at saturation
+        "cpu_vs_naive": ratio(cpu("clipstream"), cpu("naive")) if cs else None,
+        "cpu_vs_floor": ratio(cpu("clipstream"), cpu("floor")) if cs else None,
     }
 
 
@@ -220,6 +286,7 @@ def run_compare(
         model_path=model_path,
         estimator=estimator,
         input_dim=dim,
+        workers=plan.workers,
     )
     results: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
+from streams.bench.meter import PhaseMeter
 from streams.config import Settings
 from streams.kafka_util import consume_ready
 
@@ -39,6 +40,8 @@ class Reply:
     #: where the time went, from the record's own stamps (us): client to worker intake,
     #: inside the worker (batching, replica round trip, merge), worker emit to receipt
     stages_us: tuple[int, int, int] | None = None
+    #: an ensemble's answer in which every consulted model answered (None: not said)
+    full: bool | None = None
 
 
 @dataclass
@@ -51,6 +54,8 @@ class Protocol:
     encode: Callable[[str, np.ndarray, int], tuple[bytes | None, bytes, list | None]]
     #: an answer message -> Reply (None: not an answer to a bench query)
     decode: Callable[[Message], Reply | None]
+    #: (query id, index of its input row) -> the feedback record (topic, key, value)
+    feedback: Callable[[str, int], tuple[str, bytes, bytes]] | None = None
 
 
 @dataclass
@@ -76,23 +81,41 @@ class LoadResult:
     lost: int
     duplicates: int
     cache_hits: int
+    #: answers in which every consulted model answered (ensembles; 0 for other systems)
+    full_ensembles: int = 0
+    #: the latest answer beyond the query's deadline, at the client (receipt minus send)
+    #: and at the worker (its emit stamp minus the query's send stamp); negative: in time
+    max_late_client_ms: float | None = None
+    max_late_worker_ms: float | None = None
+    feedback_sent: int = 0
     stages_p50_us: dict[str, float] = field(default_factory=dict)
     histogram: dict[str, list[float]] = field(default_factory=dict)
+    #: what the phase cost per process (streams.bench.meter), when it was metered
+    cost: dict[str, Any] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list, repr=False)
+    #: query id -> input row of every answer by a model (to send feedback for them later)
+    answered_rows: dict[str, int] = field(default_factory=dict, repr=False)
 
     def figures(self) -> dict[str, Any]:
-        """Everything but the raw latencies (the histogram stands for them)."""
+        """Everything but the raw latencies (the histogram stands for them) and ids."""
         out = dict(self.__dict__)
         out.pop("latencies_ms")
+        out.pop("answered_rows")
         return out
 
 
 class _Receiver(threading.Thread):
     """Reads answers and stamps their receipt time; librdkafka releases the GIL in poll."""
 
-    def __init__(self, settings: Settings, protocol: Protocol) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        protocol: Protocol,
+        on_reply: Callable[[Reply], None] | None = None,
+    ) -> None:
         super().__init__(name="bench-receiver", daemon=True)
         self.protocol = protocol
+        self.on_reply = on_reply
         self.consumer = Consumer(
             settings.kafka(
                 **{
@@ -116,7 +139,7 @@ class _Receiver(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        decode = self.protocol.decode
+        decode, on_reply = self.protocol.decode, self.on_reply
         received = self.received
         while not self.stopping.is_set():
             msgs = consume_ready(self.consumer, 1000, 0.05)
@@ -131,6 +154,8 @@ class _Receiver(threading.Thread):
                     self.duplicates += 1
                 else:
                     received[reply.query_id] = (now, reply)
+                    if on_reply is not None:
+                        on_reply(reply)
 
     def close(self) -> None:
         self.stopping.set()
@@ -182,13 +207,33 @@ def run_load(
     deadline_ms: int = 1000,
     grace_s: float = 10.0,
     progress: Callable[[int, int], None] | None = None,
+    feedback: bool = False,
+    meter: PhaseMeter | None = None,
 ) -> LoadResult:
     """Drive one system; ``rate=None`` sends ``burst`` queries as fast as the client can
-    (after the warm-up at a gentle rate), which measures the system's capacity."""
+    (after the warm-up at a gentle rate), which measures the system's capacity.
+
+    With ``feedback`` (and a protocol that can write it) every answer by a model is
+    followed by one feedback record with its row's true label, sent as it arrives. With a
+    ``meter`` the phase's cost per process is measured from the first send until every
+    answer (and every feedback record) has been dealt with."""
     producer = Producer(
         settings.kafka(**{"linger.ms": 1, "enable.idempotence": True, "acks": "all"})
     )
-    receiver = _Receiver(settings, protocol)
+    row_of: dict[str, int] = {}
+    feedback_sent = 0
+    on_reply = None
+    if feedback and protocol.feedback is not None:
+        write_feedback = protocol.feedback
+
+        def on_reply(reply: Reply) -> None:
+            nonlocal feedback_sent
+            row = row_of.get(reply.query_id)  # None: a late answer to an earlier phase's query
+            if row is not None and reply.error is None and not reply.default:
+                produce(producer, *write_feedback(reply.query_id, row))
+                feedback_sent += 1
+
+    receiver = _Receiver(settings, protocol, on_reply)
     receiver.start()
     warm_rate = min(rate or 200.0, 200.0)
     n_warm = max(1, int(warmup_s * warm_rate))
@@ -207,6 +252,7 @@ def run_load(
     measured: list[str] = []
     encode, topic = protocol.encode, protocol.queries_topic
     rows = len(X)
+    phase_start = meter.start() if meter is not None else None
     start = time.perf_counter_ns()
     last_report = 0
     for i, offset in enumerate(offsets):
@@ -214,15 +260,10 @@ def run_load(
         while (left := due - time.perf_counter_ns()) > 0:
             producer.poll(min(left / 1e9, 0.002) if left > 2_000_000 else 0)
         qid = uuid.uuid4().hex
+        row_of[qid] = i % rows
         key, value, headers = encode(qid, X[i % rows], deadline_ms)
         sent[qid] = time.perf_counter_ns()
-        while True:
-            try:
-                producer.produce(topic, value, key, headers=headers)
-                break
-            except BufferError:
-                producer.poll(0.01)
-        producer.poll(0)
+        produce(producer, topic, key, value, headers)
         if i >= n_warm:
             measured.append(qid)
         if progress is not None and i - last_report >= 50:
@@ -240,6 +281,13 @@ def run_load(
             progress(len(offsets), len(receiver.received))
         time.sleep(0.05)
     receiver.close()
+    producer.flush(30)  # the last feedback records
+    cost: dict[str, Any] = {}
+    if meter is not None and phase_start is not None:
+        # the answers to this phase's queries, warm-up included; not late answers to
+        # queries of an earlier phase (a readiness probe, say) that arrived meanwhile
+        answered = sum(q in row_of for q in receiver.received)
+        cost = meter.stop(phase_start, answered, feedback_sent)
     if progress is not None:
         progress(len(offsets), len(receiver.received))
     got = [(q, receiver.received[q]) for q in measured if q in receiver.received]
@@ -252,6 +300,7 @@ def run_load(
     pct = (
         np.percentile(lat, [50, 90, 99, 99.9]) if len(lat) else np.full(4, float("nan"))
     ).tolist()
+    in_worker = [r.stages_us[0] + r.stages_us[1] for r in replies if r.stages_us is not None]
     return LoadResult(
         system=system,
         rate=rate,
@@ -275,10 +324,29 @@ def run_load(
         lost=len(measured) - len(got),
         duplicates=receiver.duplicates,
         cache_hits=sum(r.cache_hit for r in replies),
+        full_ensembles=sum(bool(r.full) for r in replies),
+        max_late_client_ms=float(lat.max()) - deadline_ms if len(lat) else None,
+        max_late_worker_ms=max(in_worker) / 1000 - deadline_ms if in_worker else None,
+        feedback_sent=feedback_sent,
         stages_p50_us=_stage_medians(replies),
         histogram={"edges_ms": HIST_EDGES_MS.tolist(), "counts": counts.tolist()},
+        cost=cost,
         latencies_ms=lat.tolist(),
+        answered_rows={q: row_of[q] for q, (_, r) in got if r.error is None and not r.default},
     )
+
+
+def produce(
+    producer: Producer, topic: str, key: bytes | None, value: bytes, headers: list | None = None
+) -> None:
+    """Produce, waiting for room when the client's local queue is full."""
+    while True:
+        try:
+            producer.produce(topic, value, key, headers=headers)
+            break
+        except BufferError:
+            producer.poll(0.01)
+    producer.poll(0)
 
 
 def wait_ready(

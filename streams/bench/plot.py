@@ -1,5 +1,5 @@
-"""Latency CDFs and throughput against offered rate for every system of a run (matplotlib,
-the optional ``bench`` extra)."""
+"""Latency CDFs, throughput against offered rate and p99 against offered rate (with the
+objective) for every system of a run (matplotlib, the optional ``bench`` extra)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def plot(figures: dict[str, Any], path: Path) -> Path:
     except ImportError as exc:
         raise RuntimeError("plotting needs matplotlib: pip install 'clipstream[bench]'") from exc
 
-    fig, (cdf, tput) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (cdf, tput, tail) = plt.subplots(1, 3, figsize=(19, 5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, f) in enumerate(figures["systems"].items()):
         colour = colours[i % len(colours)]  # one colour per system in both panels
@@ -33,6 +33,10 @@ def plot(figures: dict[str, Any], path: Path) -> Path:
         done = [p.throughput_qps for p in points]
         tput.plot(offered, done, "o-", color=colour, label=name)
         tput.axhline(f["capacity"].throughput_qps, color=colour, ls=":", lw=1)
+        tail.plot(offered, [p.p99_ms for p in points], "o-", color=colour, label=name)
+    slo_ms = figures.get("plan", {}).get("slo_ms")
+    if slo_ms is not None:
+        tail.axhline(slo_ms, color="black", ls="--", lw=1, label=f"objective {slo_ms:g} ms")
     cdf.set_xscale("log")
     cdf.set_xlabel("end-to-end latency at the client (ms)")
     cdf.set_ylabel("fraction of queries")
@@ -46,6 +50,13 @@ def plot(figures: dict[str, Any], path: Path) -> Path:
     tput.set_title("throughput vs offered rate (dotted: burst capacity)")
     tput.grid(True, which="both", alpha=0.3)
     tput.legend(fontsize=7)
+    tail.set_xscale("log")
+    tail.set_yscale("log")
+    tail.set_xlabel("offered rate (queries/s)")
+    tail.set_ylabel("p99 latency at the client (ms)")
+    tail.set_title("p99 vs offered rate (dashed: the objective)")
+    tail.grid(True, which="both", alpha=0.3)
+    tail.legend(fontsize=7)
     fig.suptitle(f"clipstream bench, model {figures['model']}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

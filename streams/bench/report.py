@@ -1,4 +1,4 @@
-"""What a comparison run leaves behind: a JSON file of every figure, a table, one line."""
+"""What a comparison run leaves behind: a JSON file of every figure, tables, one line."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
-from streams.bench.compare import capacity_of
+from streams.bench.compare import capacity_of, held
 from streams.bench.loadgen import LoadResult
 
 
@@ -55,7 +55,7 @@ def table(figures: dict[str, Any]) -> Table:
             f"{light.p99_ms:.1f}",
             f"{cap.throughput_qps:.0f}",
             f"{cap.p99_ms:.0f}",
-            "-" if "sweep" not in f else (f"{best:.0f}" if best else "< start"),
+            "-" if "sweep" not in f else (f"{best:.0f}" if best else "none"),
             str(light.lost + cap.lost),
             str(light.defaults + cap.defaults),
             str(light.errors + cap.errors),
@@ -66,6 +66,114 @@ def table(figures: dict[str, Any]) -> Table:
 
 def _fmt(value: float | None, digits: int) -> str:
     return "na" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+HOPS = ("client_to_worker", "in_worker", "worker_to_client")
+
+
+def hops_table(figures: dict[str, Any]) -> Table:
+    """Where the light-load time goes (medians of each Prediction's own stamps) and what
+    a query costs in CPU at the burst: the system's own processes, the broker, the client."""
+    t = Table(
+        "system",
+        *(f"{h.replace('_', ' ')} p50 ms" for h in HOPS),
+        "system CPU us/q",
+        "broker us/q",
+        "loadgen us/q",
+        title="light-load p50 per hop; CPU per answered query at the burst",
+    )
+    for name, f in figures["systems"].items():
+        stages = f["light"].stages_p50_us
+        per_query = f["capacity"].cost.get("cpu_us_per_query", {})
+        t.add_row(
+            name,
+            *(_fmt(stages[h] / 1000, 1) if h in stages else "-" for h in HOPS),
+            _fmt(per_query.get("system"), 0),
+            _fmt(per_query.get("broker"), 0),
+            _fmt(per_query.get("loadgen"), 0),
+        )
+    return t
+
+
+def cpu_table(figures: dict[str, Any]) -> Table:
+    """CPU per answered query of every process, per system and phase."""
+    t = Table(
+        "system",
+        "phase",
+        "process",
+        "cores",
+        "CPU us/q",
+        title="CPU per process (utime+stime from /proc, over each phase)",
+    )
+    for name, f in figures["systems"].items():
+        for phase in ("light", "capacity"):
+            for proc, c in f[phase].cost.get("processes", {}).items():
+                t.add_row(
+                    name,
+                    "burst" if phase == "capacity" else phase,
+                    proc,
+                    _fmt(c["cores"], 2),
+                    _fmt(c["cpu_us_per_query"], 0),
+                )
+    return t
+
+
+def workers_table(figures: dict[str, Any]) -> Table | None:
+    """Each clipstream worker's share of the queries and its CPU, per phase."""
+    t = Table(
+        "system",
+        "phase",
+        "worker",
+        "queries",
+        "share",
+        "CPU us per answered q",
+        "CPU us per own q",
+        title="clipstream workers (their own clipstream_queries_total)",
+    )
+    for name, f in figures["systems"].items():
+        for phase in ("light", "capacity"):
+            cost = f[phase].cost
+            for worker, w in cost.get("workers", {}).items():
+                t.add_row(
+                    name,
+                    "burst" if phase == "capacity" else phase,
+                    worker,
+                    f"{w['queries']:.0f}",
+                    _fmt(w["share"], 2),
+                    _fmt(cost["processes"].get(worker, {}).get("cpu_us_per_query"), 0),
+                    _fmt(w["cpu_us_per_own_query"], 0),
+                )
+    return t if t.row_count else None
+
+
+def sweep_table(figures: dict[str, Any]) -> Table | None:
+    t = Table(
+        "system",
+        "offered q/s",
+        "answered q/s",
+        "p50 ms",
+        "p99 ms",
+        "lost",
+        "defaults",
+        "system CPU us/q",
+        "held",
+        title="sweep: p99 against the objective per offered rate",
+    )
+    slo_ms = figures["plan"]["slo_ms"]
+    for name, f in figures["systems"].items():
+        for r in f.get("sweep", []):
+            t.add_row(
+                name,
+                f"{r.rate:.0f}",
+                f"{r.throughput_qps:.0f}",
+                _fmt(r.p50_ms, 1),
+                _fmt(r.p99_ms, 1),
+                str(r.lost),
+                str(r.defaults),
+                _fmt(r.cost.get("cpu_us_per_query", {}).get("system"), 0),
+                "yes" if held(r, slo_ms) else "no",
+            )
+    return t if t.row_count else None
 
 
 def summary_line(figures: dict[str, Any], system: str = "clipstream") -> str:
@@ -82,9 +190,12 @@ def summary_line(figures: dict[str, Any], system: str = "clipstream") -> str:
         "p50_ms": _fmt(f["light"].p50_ms, 2),
         "p99_ms": _fmt(f["light"].p99_ms, 2),
         "lost": str(sum(f[k].lost for k in ("light", "capacity"))),
+        "basis": r["basis"],
         "speedup_vs_naive": _fmt(r["speedup_vs_naive"], 2),
         "p50_vs_floor": _fmt(r["p50_vs_floor"], 2),
         "speedup_vs_peer": _fmt(r["speedup_vs_peer"], 2),
+        "ceiling_vs_naive": _fmt(r["ceiling_vs_naive"], 2),
+        "cpu_vs_naive": _fmt(r["cpu_vs_naive"], 2),
     }
     return "bench: " + " ".join(f"{k}={v}" for k, v in parts.items())
 

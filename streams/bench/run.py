@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import shlex
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as ProgressBar
 
-from streams.bench import report
-from streams.bench.compare import Plan, run_compare
+from streams.bench import ensemble, report
+from streams.bench.compare import Plan, Progress, run_compare
 from streams.config import Settings
 from streams.demo import kafka
 
 console = Console(stderr=True)
+# the result tables go to stdout; written to a file or a pipe they keep their columns
+tables = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def run_bench(
@@ -34,33 +39,21 @@ def run_bench(
         from streams.bench.suites import run_suite
 
         return run_suite(suite, models or ["digits-logreg", "digits-forest"], rows, queries, out)
+    if suite in ensemble.SUITES:
+        return _run_ensemble(suite, plan or Plan(), out, workdir)
     if suite != "compare":
         raise ValueError(f"unknown suite {suite!r}")
     plan = plan or Plan()
     workdir = workdir or Path(tempfile.mkdtemp(prefix="clipstream-bench-"))
-    columns = (
-        TextColumn("{task.description:32s}"),
-        BarColumn(),
-        TextColumn("sent {task.fields[sent]:>7}  answered {task.fields[got]:>7}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(phase: str, total: int, sent: int, got: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(
-                    phase, total=total if total > 0 else None, sent=0, got=0
-                )
-            bar.update(tasks[phase], completed=got, sent=sent, got=got)
-
-        with kafka(Settings.from_env(), workdir) as settings:
-            figures = run_compare(settings, workdir, plan, progress, console.print)
-    figures["command"] = "clipstream bench " + shlex.join(sys.argv[2:])
-    figures["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    out = out or workdir / "bench.json"
-    report.write_json(figures, out)
-    Console().print(report.table(figures))
+    with progress_bar() as progress, kafka(Settings.from_env(), workdir) as settings:
+        figures = run_compare(settings, workdir, plan, progress, console.print)
+    out = _write(figures, out or workdir / "bench.json")
+    tables.print(report.table(figures))
+    tables.print(report.hops_table(figures))
+    tables.print(report.cpu_table(figures))
+    for extra in (report.workers_table(figures), report.sweep_table(figures)):
+        if extra is not None:
+            tables.print(extra)
     for name, why in figures["skipped"].items():
         console.print(f"[yellow]{name} not measured: {why}")
     if "clipstream-cache" in figures["systems"]:
@@ -78,3 +71,46 @@ def run_bench(
     if ours is None:
         return 0 if "clipstream" not in plan.systems else 1
     return 0 if ours["light"].lost + ours["capacity"].lost == 0 else 1
+
+
+@contextlib.contextmanager
+def progress_bar() -> Iterator[Progress]:
+    """One bar per phase: queries sent and answered."""
+    columns = (
+        TextColumn("{task.description:32s}"),
+        BarColumn(),
+        TextColumn("sent {task.fields[sent]:>7}  answered {task.fields[got]:>7}"),
+        TimeElapsedColumn(),
+    )
+    with ProgressBar(*columns, console=console, transient=False) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(phase: str, total: int, sent: int, got: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(
+                    phase, total=total if total > 0 else None, sent=0, got=0
+                )
+            bar.update(tasks[phase], completed=got, sent=sent, got=got)
+
+        yield progress
+
+
+def _write(figures: dict, out: Path) -> Path:
+    figures["command"] = "clipstream bench " + shlex.join(sys.argv[2:])
+    figures["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    report.write_json(figures, out)
+    return out
+
+
+def _run_ensemble(suite: str, plan: Plan, out: Path | None, workdir: Path | None) -> int:
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="clipstream-bench-"))
+    with progress_bar() as progress, kafka(Settings.from_env(), workdir) as settings:
+        figures = ensemble.run_ensemble(settings, workdir, suite, plan, progress)
+    out = _write(figures, out or workdir / "bench.json")
+    tables.print(ensemble.sweep_table(figures))
+    if "feedback" in figures:
+        tables.print(ensemble.feedback_table(figures))
+    console.print(f"all figures: {out}")
+    print(ensemble.summary_line(figures), flush=True)
+    lost = sum(p.lost for p in figures["sweep"])
+    return 0 if lost == 0 else 1

@@ -167,7 +167,7 @@ def selection_suite(workdir: Path, models: list[str], passes: int = 5) -> dict[s
     """Exp4's accuracy against each single model, and the feedback Exp3 needs to settle,
     on the digits test stream (the selection code the worker runs, without Kafka: the
     answers are the models' own, so the figures are the live system's)."""
-    from selection import SelectionState
+    from selection import SelectionState, combine
 
     trained = train_digits_models(workdir / "models", names=models)
     from models.files import load_model
@@ -192,8 +192,12 @@ def selection_suite(workdir: Path, models: list[str], passes: int = 5) -> dict[s
     settled_after = None
     order = np.concatenate([rng.permutation(len(truth)) for _ in range(passes)])
     for n, i in enumerate(order, start=1):
-        merged = exp4.combine(
-            {m: (outputs[m][2][i], outputs[m][0][i], outputs[m][1]) for m in models}
+        weights = exp4.weights()
+        merged = combine(
+            [outputs[m][2][i] for m in models],
+            [outputs[m][0][i] for m in models],
+            [outputs[m][1] for m in models],
+            np.array([weights[m] for m in models]),
         )
         correct4 += n <= len(truth) and merged.label == truth[i]
         exp4.learn({m: outputs[m][2][i] for m in models}, truth[i])

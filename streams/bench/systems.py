@@ -13,22 +13,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Message
+from confluent_kafka import ConsumerGroupState, Message
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from models import registry
 from streams import codec, topics
 from streams.bench import peer
 from streams.bench.loadgen import Protocol, Reply
+from streams.bench.meter import SYSTEM, Watched, shared_processes
+from streams.broker import free_port
 from streams.config import Settings
 from streams.processes import Child, clipstream_command, spawn
-from streams.sdk import now_us, query_key
+from streams.sdk import now_us
 
 SYSTEMS = ("floor", "naive", "clipstream", "clipstream-cache", "peer")
 DESCRIPTIONS = {
     "floor": "pass-through over the same four Kafka topics, no model",
     "naive": "confluent-kafka loop: consume one, predict one row, produce one",
-    "clipstream": "worker + one replica, adaptive batching, cache off",
+    "clipstream": "worker(s) + one replica per worker, adaptive batching, cache off",
     "clipstream-cache": "the same worker and replica, prediction cache on",
     "peer": "MLServer 1.7.1 Kafka server, adaptive batching (256 rows, 2 ms)",
 }
@@ -45,7 +47,11 @@ class Context:
     model_path: Path
     estimator: Any
     input_dim: int
+    #: clipstream's workers (each with a replica of the model)
+    workers: int = 1
     children: dict[str, list[Child]] = field(default_factory=dict)
+    #: child name -> its Prometheus endpoint (clipstream's workers)
+    metrics_urls: dict[str, str] = field(default_factory=dict)
 
     @property
     def env(self) -> dict[str, str]:
@@ -64,23 +70,48 @@ class Context:
     def app(self, cached: bool) -> str:
         return f"bench-{self.model}-{'cache' if cached else 'nocache'}"
 
+    def watched(self, children: list[Child]) -> list[Watched]:
+        """What a phase of a system is metered on: its processes, the broker, the client."""
+        own = [
+            Watched(c.name, SYSTEM, c.pid, metrics_url=self.metrics_urls.get(c.name))
+            for c in children
+        ]
+        return own + shared_processes(self.settings)
 
-def avro_protocol(queries_topic: str, predictions_topic: str, app: str) -> Protocol:
-    """Clipstream's own records: the floor and the naive loop speak them too."""
-    key = query_key(app, None)
+
+def user_of(qid: str, users: int) -> str | None:
+    """The user a bench query speaks for: spread evenly by its random id, and found again
+    from the id alone when its feedback is written."""
+    return f"user-{int(qid[:8], 16) % users}" if users else None
+
+
+def avro_protocol(
+    queries_topic: str,
+    predictions_topic: str,
+    app: str,
+    *,
+    users: int = 0,
+    labels: np.ndarray | None = None,
+) -> Protocol:
+    """Clipstream's own records: the floor and the naive loop speak them too.
+
+    ``users``: queries speak for that many users (a personalised app); ``labels``: the
+    true label of each input row, for feedback."""
 
     def encode(qid: str, row: np.ndarray, deadline_ms: int) -> tuple[bytes, bytes, None]:
+        user = user_of(qid, users)
         record = {
             "query_id": qid,
             "app": app,
-            "user": None,
+            "user": user,
             "features": row.tolist(),
             "raw": None,
             "text": None,
             "sent_at_us": now_us(),
             "deadline_ms": deadline_ms,
         }
-        return key, codec.encode("Query", record), None
+        # keyed by query id, as the SDK does: one app's queries spread over all partitions
+        return qid.encode(), codec.encode("Query", record), None
 
     def decode(msg: Message) -> Reply | None:
         received = time.time_ns() // 1000
@@ -95,9 +126,26 @@ def avro_protocol(queries_topic: str, predictions_topic: str, app: str) -> Proto
                 p["worker_us"],
                 received - p["emitted_at_us"],
             )
-        return Reply(p["query_id"], p["default"], p["error"], p["cache_hit"], stages)
+        full = bool(p["answers"]) and all(a["error"] is None for a in p["answers"])
+        return Reply(p["query_id"], p["default"], p["error"], p["cache_hit"], stages, full)
 
-    return Protocol(queries_topic, predictions_topic, encode, decode)
+    def feedback(qid: str, row: int) -> tuple[str, bytes, bytes]:
+        assert labels is not None
+        user = user_of(qid, users)
+        record = {
+            "query_id": qid,
+            "app": app,
+            "user": user,
+            "label": str(labels[row]),
+            "reward": None,
+            "sent_at_us": now_us(),
+        }
+        # keyed like its query (by query id): it reaches the worker that answered it
+        return topics.FEEDBACK, qid.encode(), codec.encode("Feedback", record)
+
+    return Protocol(
+        queries_topic, predictions_topic, encode, decode, None if labels is None else feedback
+    )
 
 
 def _topics(ctx: Context, names: list[str]) -> None:
@@ -148,9 +196,48 @@ def _start_clipstream(ctx: Context) -> list[Child]:
     for cached in (False, True):
         # each bench query carries its own deadline, which overrides the app's
         registry.register_app(s, ctx.app(cached), [name], deadline_ms=1000, cache=cached)
-    children = [
-        spawn("worker", clipstream_command("worker"), ctx.logs, ctx.env),
-        spawn("replica", clipstream_command("replica", "--model", name), ctx.logs, ctx.env),
-    ]
+    children, urls = spawn_clipstream(ctx.logs, ctx.env, ctx.workers, {name: ctx.workers})
     ctx.children["clipstream"] = children
+    ctx.metrics_urls.update(urls)
+    wait_for_workers(s, ctx.workers)
     return children
+
+
+def spawn_clipstream(
+    logs: Path, env: dict[str, str], workers: int, replicas: dict[str, int]
+) -> tuple[list[Child], dict[str, str]]:
+    """``workers`` workers, each serving Prometheus metrics on a port of its own, and
+    ``replicas[model]`` replicas of each model; returns them and the workers' endpoints."""
+    children, urls, ports = [], {}, []
+    for i in range(workers):
+        ports.append(free_port(exclude=tuple(ports)))
+        name = "worker" if workers == 1 else f"worker-{i}"
+        command = clipstream_command("worker", "--metrics-port", str(ports[-1]))
+        children.append(spawn(name, command, logs, env))
+        urls[name] = f"http://127.0.0.1:{ports[-1]}/metrics"
+    for model, n in replicas.items():
+        for i in range(n):
+            name = f"replica-{model}" if n == 1 else f"replica-{model}-{i}"
+            children.append(spawn(name, clipstream_command("replica", "--model", model), logs, env))
+    return children, urls
+
+
+def wait_for_workers(settings: Settings, workers: int, timeout: float = 120.0) -> None:
+    """Until the workers' consumer group is stable with all of them in it, so no phase is
+    measured while partitions move."""
+    admin = AdminClient(settings.kafka())
+    deadline = time.monotonic() + timeout
+    seen = "no group yet"
+    while time.monotonic() < deadline:
+        # the workers' Faust app id (streams.app.Worker's default) is their consumer group
+        future = admin.describe_consumer_groups(["clipstream"])["clipstream"]
+        try:
+            group = future.result(10)
+        except Exception as exc:  # the group is not formed yet
+            seen = str(exc)
+        else:
+            seen = f"{group.state.name} with {len(group.members)} members"
+            if group.state == ConsumerGroupState.STABLE and len(group.members) == workers:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"worker group not stable with {workers} members: {seen}")

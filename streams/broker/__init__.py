@@ -345,6 +345,9 @@ class EmbeddedBroker:
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
+            # the serving group detects a crashed worker in 2 s (streams.serving); Kafka's
+            # default minimum session timeout is 6 s
+            "group.min.session.timeout.ms": "1000",
             # Kafka requires strictly more than 1 MiB per cleaner thread; 128 MiB by default
             "log.cleaner.dedupe.buffer.size": str(2 * 1024 * 1024),
             "log.cleaner.threads": "1",

@@ -69,7 +69,8 @@ def test_every_dashboard_metric_is_exported_by_the_processes(
     registry.register_app(s, APP, [MODEL], policy="EXP3", deadline_ms=5000)
     registry.register_app(s, LONELY, [ORPHAN], deadline_ms=200, default_label="1")
     worker_port, replica_port, web_port = free_port(), free_port(), free_port()
-    processes("worker", "worker", "--metrics-port", str(worker_port), "--web-port", str(web_port))
+    ports = ("--metrics-port", str(worker_port), "--web-port", str(web_port))
+    processes("worker", "worker", *ports, env={"CLIPSTREAM_GATEWAY_AUTH": "open"})
     processes("replica", "replica", "--model", MODEL, "--metrics-port", str(replica_port))
 
     client, reader = Client(s), PredictionReader(s)

@@ -1,7 +1,12 @@
 """The REST gateway with a real HTTP client against a running worker on the real broker:
 predictions come back synchronously and are the same ones Kafka readers see, feedback
 reaches the feedback topic, bad input gets 400/404 with a reason, and a query nobody
-answers gets the app's default output at its deadline."""
+answers gets the app's default output at its deadline. The workers here run the explicitly
+open gateway (CLIPSTREAM_GATEWAY_AUTH=open); tokens and HTTPS are in test_security.py.
+
+Also the prediction readers (the gateway's, the SDK's PredictionReader and Predictor): a
+malformed prediction is skipped, counted and dead-lettered while the rest of its batch is
+served, and the gateway decodes only the predictions it waits for."""
 
 from __future__ import annotations
 
@@ -13,14 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import ConsumerGroupState, Producer
+from confluent_kafka.admin import AdminClient
 
 from models import registry
 from models.training import digits_split
-from streams import topics
+from streams import codec, topics
 from streams.config import Settings
-from streams.gateway import Gateway
+from streams.gateway import Gateway, PredictionWaiter
+from streams.limits import MAX_DEADLINE_MS
 from streams.processes import clipstream_command, spawn
-from streams.sdk import Client, PredictionReader
+from streams.sdk import Client, PredictionReader, Predictor, now_us
 from tests.conftest import wait_for
 from tests.integration.helpers import collect, read_all, wait_until_serving
 
@@ -75,14 +83,19 @@ def test_gateway_answers_with_the_default_when_no_prediction_comes(deployed: Set
 
 
 @pytest.fixture(scope="module")
-def gateway_urls(deployed: Settings, tmp_path_factory: pytest.TempPathFactory):
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gateway-logs")
+
+
+@pytest.fixture(scope="module")
+def gateway_urls(deployed: Settings, logs: Path):
     """Two workers (so a REST call often reaches one that does not own its query's
     partition) and one replica; yields each worker's gateway URL once all serve."""
     env = {
         "KAFKA_BOOTSTRAP_SERVERS": deployed.require_bootstrap(),
         "CLIPSTREAM_PARTITIONS": str(deployed.partitions),
+        "CLIPSTREAM_GATEWAY_AUTH": "open",
     }
-    logs: Path = tmp_path_factory.mktemp("gateway-logs")
     ports = [free_port(), free_port()]
     children = [
         spawn(f"worker-{i}", clipstream_command("worker", "--web-port", str(p)), logs, env)
@@ -100,6 +113,15 @@ def gateway_urls(deployed: Settings, tmp_path_factory: pytest.TempPathFactory):
                     return 0
 
             wait_for(listening, 120, f"the REST gateway at {url} to listen")
+        # Queries caught in the rebalance after the second worker joins may be re-read
+        # after their deadline and answered with the default: the tests start after it.
+        admin = AdminClient(deployed.kafka())
+
+        def one_stable_group_of_two() -> bool:
+            group = admin.describe_consumer_groups(["clipstream"])["clipstream"].result(10)
+            return group.state == ConsumerGroupState.STABLE and len(group.members) == 2
+
+        wait_for(one_stable_group_of_two, 120, "both workers in one stable group")
         _, X_test, _, _ = digits_split()
         reader = PredictionReader(deployed)
         try:
@@ -129,7 +151,9 @@ def test_any_worker_answers_any_query(gateway_urls: list[str]) -> None:
         status, prediction = http("POST", f"{gateway_urls[i % 2]}/apps/{APP}/predict", body)
         assert status == 200, prediction
         answers.append((prediction, str(y_test[i]), f"user-{i}"))
-    assert all(not p["default"] and p["models"] == [f"{MODEL}@1"] for p, _, _ in answers)
+    assert all(not p["default"] and p["models"] == [f"{MODEL}@1"] for p, _, _ in answers), [
+        (p["default"], p["error"], p["query_id"]) for p, _, _ in answers
+    ]
     assert all(p["user"] == user for p, _, user in answers)  # each got its own query's answer
     assert sum(p["label"] == y for p, y, _ in answers) >= 21
 
@@ -195,6 +219,12 @@ def test_feedback_over_rest_reaches_the_feedback_topic(deployed: Settings, gatew
         (f"/apps/{APP}/predict", b'{"features": ["a"]}', 400, "only numbers"),
         (f"/apps/{APP}/predict", b'{"features": [1], "colour": 1}', 400, "unknown fields"),
         ("/apps/no-such-app/predict", b'{"features": [1]}', 404, "unknown app"),
+        (
+            f"/apps/{LONELY}/predict",
+            b'{"features": [1], "deadline_ms": %d}' % (MAX_DEADLINE_MS + 1),
+            400,
+            "deadline_ms must be in (0, 600000]",
+        ),
         (f"/apps/{APP}/feedback", b'{"query_id": "x"}', 400, "'label' or 'reward'"),
         (f"/apps/{APP}/feedback", b'{"query_id": "x", "reward": 3}', 400, "[0, 1]"),
         ("/apps/no-such-app/feedback", b'{"query_id": "x", "label": 1}', 404, "unknown app"),
@@ -225,3 +255,129 @@ def test_a_query_nobody_serves_gets_the_default_over_rest(gateway_url: str) -> N
     status, body = http("POST", f"{gateway_url}/apps/{LONELY}/predict", {"features": [0.0] * 64})
     assert status == 200
     assert body["default"] is True and body["label"] == "7"
+
+
+def test_the_open_gateway_is_explicit_and_logged(gateway_urls: list[str], logs: Path) -> None:
+    port = gateway_urls[0].rsplit(":", 1)[1]
+    log = (logs / "worker-0.log").read_text()
+    assert f"REST gateway on :{port} (http, open: no authentication)" in log
+    assert "the REST gateway is OPEN (CLIPSTREAM_GATEWAY_AUTH=open)" in log
+
+
+# -- the prediction readers ------------------------------------------------------------
+
+GARBAGE = b"\xc3\x01not a prediction"
+
+
+def prediction(qid: str, label: str = "3") -> bytes:
+    return codec.encode(
+        "Prediction",
+        {
+            "query_id": qid,
+            "app": APP,
+            "user": None,
+            "label": label,
+            "score": 0.9,
+            "models": [f"{MODEL}@1"],
+            "answers": [],
+            "cache_hit": False,
+            "default": False,
+            "error": None,
+            "sent_at_us": now_us(),
+            "emitted_at_us": now_us(),
+            "worker_us": 1,
+        },
+    )
+
+
+def produce_predictions(settings: Settings, messages: list[tuple[bytes, bytes]]) -> list[int]:
+    """Produce (key, value) pairs in order to predictions partition 0; their offsets."""
+    producer = Producer(settings.kafka(**{"enable.idempotence": True}))
+    offsets: list[int] = []
+    for key, value in messages:
+        producer.produce(
+            topics.PREDICTIONS,
+            value,
+            key,
+            partition=0,
+            on_delivery=lambda err, msg: offsets.append(msg.offset() if err is None else -1),
+        )
+    assert producer.flush(30) == 0
+    assert len(offsets) == len(messages) and -1 not in offsets
+    return offsets
+
+
+def dead_letters_for(settings: Settings, key: bytes) -> list[dict]:
+    return [d for d in read_all(settings, topics.DEADLETTER, "DeadLetter") if d["key"] == key]
+
+
+def test_a_malformed_prediction_is_skipped_and_dead_lettered_not_the_batch(
+    deployed: Settings,
+) -> None:
+    reader = PredictionReader(deployed)
+    try:
+        offsets = produce_predictions(
+            deployed,
+            [
+                (b"before-bad", prediction("before-bad")),
+                (b"bad-1", GARBAGE),
+                (b"after-bad", prediction("after-bad")),
+            ],
+        )
+        got: dict[str, dict] = {}
+
+        def served() -> bool:
+            # before the fix the first poll raised here and dropped "after-bad"
+            got.update((r["query_id"], r) for r in reader.poll(0.2))
+            return {"before-bad", "after-bad"} <= set(got)
+
+        wait_for(served, 30, "both good predictions around the malformed one")
+        assert reader.malformed == 1
+    finally:
+        reader.close()  # also flushes the dead letter
+    (dead,) = wait_for(lambda: dead_letters_for(deployed, b"bad-1"), 30, "the dead letter")
+    assert dead["source_topic"] == topics.PREDICTIONS and dead["stage"] == "reader"
+    assert (dead["partition"], dead["offset"]) == (0, offsets[1])
+    assert dead["value"] == GARBAGE and dead["query_id"] == "bad-1"
+    assert "not a valid Avro Prediction" in dead["reason"]
+
+
+def test_the_predictor_keeps_serving_after_a_malformed_prediction(deployed: Settings) -> None:
+    _, X_test, _, _ = digits_split()
+    with Predictor(deployed) as predictor:
+        # a query nobody can answer before its long deadline: only our prediction will come
+        qid = "predictor-q"
+        future = predictor.submit(
+            LONELY, X_test[0].tolist(), query_id=qid, deadline_ms=MAX_DEADLINE_MS
+        )
+        produce_predictions(deployed, [(b"bad-2", GARBAGE), (qid.encode(), prediction(qid, "5"))])
+        answer = future.result(30)
+        assert (answer["query_id"], answer["label"]) == (qid, "5")
+        assert predictor._thread.is_alive() and predictor.reader.malformed == 1
+
+
+def test_the_gateway_decodes_only_the_predictions_it_waits_for(deployed: Settings) -> None:
+    waiter = PredictionWaiter(deployed)
+
+    async def wait_for_mine() -> dict:
+        future = waiter.expect("mine")
+        produce_predictions(
+            deployed,
+            [
+                (b"someone-else", GARBAGE),  # not waited for: never decoded, so not counted
+                (b"someone-else-2", prediction("someone-else-2")),
+                (b"mine", GARBAGE),  # waited for: decoded, dead-lettered, skipped
+                (b"mine", prediction("mine", "8")),
+            ],
+        )
+        return await asyncio.wait_for(future, 30)
+
+    try:
+        answer = asyncio.run(wait_for_mine())
+        assert (answer["query_id"], answer["label"]) == ("mine", "8")
+        # the records before "mine" in the partition were read first: only one was decoded
+        assert waiter.reader.malformed == 1
+        assert not waiter.reader.seen.first_time("mine")
+        assert waiter.reader.seen.first_time("someone-else-2")  # never decoded
+    finally:
+        waiter.close()

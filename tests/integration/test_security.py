@@ -1,6 +1,8 @@
 """Security: TLS and SASL (SCRAM) reach every Kafka client, against the embedded broker
 with a SASL_SSL listener and certificates made by the test; model files load only in a
-safe format or with an explicit trust flag; nothing from a topic is unpickled or evaluated.
+safe format or with an explicit trust flag; nothing from a topic is unpickled or evaluated;
+the REST gateway serves HTTPS only, with a certificate made by the test, and answers only
+requests with a bearer token scoped to the app and operation (401 without, 403 outside).
 
 The clients are given only the SASL_SSL listener's address, so a client that dropped the
 security settings could not connect at all."""
@@ -8,7 +10,13 @@ security settings could not connect at all."""
 from __future__ import annotations
 
 import ast
+import http.client
+import json
 import pickle
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +28,11 @@ from models.training import digits_split
 from streams import topics
 from streams.broker.secure import SCRAM_MECHANISM, SecureEmbeddedBroker, make_certificates
 from streams.config import Settings
+from streams.gateway import free_port
+from streams.processes import clipstream_command
 from streams.replay import replay
 from streams.sdk import Client, PredictionReader, Predictor
+from tests.conftest import wait_for
 from tests.integration.helpers import collect, wait_until_serving
 
 pytestmark = pytest.mark.integration
@@ -138,6 +149,145 @@ def test_faust_gets_the_same_credentials(kafka_settings):
         str(creds.protocol.value if hasattr(creds.protocol, "value") else creds.protocol)
         == "SASL_SSL"
     )
+
+
+# -- the REST gateway: bearer tokens over HTTPS --------------------------------------------
+
+
+def pem_pair(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 (made with cryptography), as the PEM files
+    the gateway reads: (CA, certificate, key)."""
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+        pkcs12,
+    )
+
+    certs = make_certificates(directory)
+    key, cert, _ = pkcs12.load_key_and_certificates(
+        certs.keystore.read_bytes(), certs.keystore_password.encode()
+    )
+    assert key is not None and cert is not None
+    certfile, keyfile = directory / "gateway.pem", directory / "gateway-key.pem"
+    certfile.write_bytes(cert.public_bytes(Encoding.PEM))
+    keyfile.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    keyfile.chmod(0o600)
+    return certs.ca_pem, certfile, keyfile
+
+
+def call(
+    url: str, body: object, token: str | None = None, context: ssl.SSLContext | None = None
+) -> tuple[int, dict, dict]:
+    """POST JSON; (status, JSON body, headers), also for 4xx answers."""
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers=headers
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60, context=context) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), dict(exc.headers)
+
+
+def new_token(tokens: Path, *scopes: str, name: str) -> str:
+    """A token made with the CLI as an operator would; its hash is appended to ``tokens``."""
+    args = [a for scope in scopes for a in ("--app", scope)]
+    done = subprocess.run(
+        clipstream_command("gateway", "token", *args, "--name", name, "--tokens-file", str(tokens)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def test_the_gateway_needs_a_scoped_token_over_https(
+    kafka_settings, digits_models, processes, tmp_path
+):
+    s = kafka_settings
+    if registry.current(s).version_spec(MODEL) is None:
+        registry.deploy_model(s, MODEL, str(digits_models[MODEL][0]), input_dim=64)
+    for app in ("rest-secure", "rest-other"):
+        registry.register_app(s, app, [MODEL], deadline_ms=10_000, default_label="0")
+    ca, certfile, keyfile = pem_pair(tmp_path / "gateway-certs")
+    tokens = tmp_path / "tokens"
+    client_token = new_token(tokens, "rest-secure", name="app-client")
+    labeller = new_token(tokens, "rest-secure:feedback", name="labeller")
+    assert client_token not in tokens.read_text() and labeller not in tokens.read_text()
+
+    port = free_port()
+    env = {
+        **security_env(s),
+        "CLIPSTREAM_GATEWAY_TOKENS_FILE": str(tokens),
+        "CLIPSTREAM_GATEWAY_CERTFILE": str(certfile),
+        "CLIPSTREAM_GATEWAY_KEYFILE": str(keyfile),
+    }
+    worker = processes("worker", "worker", "--web-port", str(port), env=env)
+    processes("replica", "replica", "--model", MODEL, env=env)
+    trusted = ssl.create_default_context(cafile=str(ca))
+    base = f"https://127.0.0.1:{port}/apps"
+    _, X, _, y = digits_split()
+    features = {"features": X[0].tolist()}
+
+    def answered() -> dict | None:
+        try:
+            status, body, _ = call(f"{base}/rest-secure/predict", features, client_token, trusted)
+        except OSError:  # the web server starts once the worker has its partitions
+            return None
+        assert status == 200, body
+        return None if body["default"] else body
+
+    first = wait_for(answered, 120, "a model's answer over HTTPS with a valid token")
+    assert first["label"] == str(y[0]) and first["models"] == [f"{MODEL}@1"]
+    assert f"REST gateway on :{port} (https, bearer tokens: 2)" in worker.log_path.read_text()
+
+    # no token, a made-up token: 401 with the Bearer challenge
+    for token in (None, "cs_not-a-token"):
+        status, body, headers = call(f"{base}/rest-secure/predict", features, token, trusted)
+        assert status == 401, body
+        assert headers["WWW-Authenticate"].startswith('Bearer realm="clipstream"')
+    # a valid token outside its scope: 403, also for an app that does not exist (no probing)
+    for url, token in [
+        (f"{base}/rest-other/predict", client_token),
+        (f"{base}/no-such-app/predict", client_token),
+        (f"{base}/rest-secure/predict", labeller),  # may only send feedback
+    ]:
+        status, body, headers = call(url, features, token, trusted)
+        assert status == 403, (url, body)
+        assert 'error="insufficient_scope"' in headers["WWW-Authenticate"]
+    status, body, _ = call(
+        f"{base}/rest-secure/feedback",
+        {"query_id": first["query_id"], "label": int(y[0])},
+        labeller,
+        trusted,
+    )
+    assert (status, body["accepted"]) == (202, True)
+
+    # HTTPS only: plain HTTP and a client that does not trust the certificate get nothing
+    with pytest.raises((OSError, http.client.HTTPException)):
+        call(f"http://127.0.0.1:{port}/apps/rest-secure/predict", features, client_token)
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        call(f"{base}/rest-secure/predict", features, client_token, ssl.create_default_context())
+
+    # tokens are added and revoked by editing the file, without a restart
+    late = new_token(tokens, "*:predict", name="late")
+    tokens.write_text(
+        "\n".join(line for line in tokens.read_text().splitlines() if "labeller" not in line) + "\n"
+    )
+
+    def rotated() -> bool:
+        new = call(f"{base}/rest-other/predict", features, late, trusted)[0]
+        old = call(
+            f"{base}/rest-secure/feedback", {"query_id": "q", "label": 1}, labeller, trusted
+        )[0]
+        return (new, old) == (200, 401)
+
+    wait_for(rotated, 30, "the new token accepted and the revoked one refused", interval=0.5)
 
 
 # -- nothing from a topic is ever unpickled or evaluated -------------------------------------

@@ -33,6 +33,7 @@ def weights_of(prediction: dict) -> dict[str, float]:
 
 
 def stream_with_feedback(client, reader, app, X, y, timeout=60) -> dict[str, dict]:
+    """Predictions by query id, in the order the queries were sent (each with its truth)."""
     truth = {client.send_query(app, x.tolist()): str(label) for x, label in zip(X, y, strict=True)}
     client.flush()
     got = collect(reader, set(truth), timeout)
@@ -40,15 +41,15 @@ def stream_with_feedback(client, reader, app, X, y, timeout=60) -> dict[str, dic
     for qid, label in truth.items():
         client.send_feedback(qid, app, label=label)
     client.flush()
-    return {q: v[0] for q, v in got.items()}
+    return {q: {**got[q][0], "truth": label} for q, label in truth.items()}
 
 
-def feedback_consumed(settings, group: str = "clipstream") -> bool:
-    """True once the worker group has committed every feedback offset."""
+def committed_all(settings, group: str, topic: str) -> bool:
+    """True once ``group`` has committed every offset of ``topic``."""
     consumer = Consumer(settings.kafka(**{"group.id": group, "enable.auto.commit": False}))
     try:
-        parts = consumer.list_topics(topics.FEEDBACK, timeout=10).topics[topics.FEEDBACK]
-        tps = [TopicPartition(topics.FEEDBACK, p) for p in parts.partitions]
+        parts = consumer.list_topics(topic, timeout=10).topics[topic]
+        tps = [TopicPartition(topic, p) for p in parts.partitions]
         committed = consumer.committed(tps, timeout=10)
         return all(
             c.offset >= consumer.get_watermark_offsets(tp, timeout=10)[1]
@@ -57,6 +58,14 @@ def feedback_consumed(settings, group: str = "clipstream") -> bool:
         )
     finally:
         consumer.close()
+
+
+def feedback_consumed(settings) -> bool:
+    """True once every feedback record was joined to its answers (by the serving group) and
+    every resulting observation folded into its key's state (by the Faust group)."""
+    return committed_all(settings, topics.SERVING_GROUP, topics.FEEDBACK) and committed_all(
+        settings, topics.FAUST_APP, topics.OBSERVATIONS
+    )
 
 
 def probe(client, reader, app, x) -> dict:
@@ -84,7 +93,7 @@ def test_exp4_learns_shifts_away_survives_restart_and_replays(deployed, processe
     wait_until_serving(client, reader, app, X[0].tolist())
 
     first = stream_with_feedback(client, reader, app, X[:300], y[:300])
-    accuracy = sum(p["label"] == str(t) for p, t in zip(first.values(), y[:300], strict=True)) / 300
+    accuracy = sum(p["label"] == p["truth"] for p in first.values()) / 300
     wait_for(lambda: feedback_consumed(deployed), 60, "the worker to apply all feedback")
     learned = weights_of(probe(client, reader, app, X[300]))
     assert max(learned, key=learned.get) == BEST, learned

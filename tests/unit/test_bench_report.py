@@ -96,3 +96,24 @@ def test_json_form_has_no_nan_and_keeps_the_histogram() -> None:
     assert out["r"]["throughput_qps"] is None
     assert out["r"]["histogram"]["counts"] == [3]
     assert "latencies_ms" not in out["r"]
+
+
+def test_a_swept_system_with_no_rate_that_held_is_not_compared_by_its_burst() -> None:
+    f = figures(naive=(500, 3.0), clipstream=(2500, 6.0))
+    for name, best in (("naive", None), ("clipstream", 400.0)):
+        f["systems"][name]["sweep"] = []
+        f["systems"][name]["max_rate_under_slo"] = best
+    r = ratios(f["systems"])
+    assert r["basis"] == "slo"
+    assert r["speedup_vs_naive"] is None  # not 2500/500 nor 400/500: said, not mixed
+
+
+def test_summary_line_carries_the_ceiling_and_the_cpu_ratio() -> None:
+    f = figures(floor=(5000, 4.0), naive=(500, 3.0), clipstream=(2500, 6.0))
+    for name, us in (("naive", 200.0), ("clipstream", 300.0)):
+        f["systems"][name]["capacity"].cost = {"cpu_us_per_query": {"system": us}}
+    f["ratios"] = ratios(f["systems"])
+    pairs = parse_summary(summary_line(f))
+    assert pairs["basis"] == "burst"
+    assert float(pairs["ceiling_vs_naive"]) == 10.0
+    assert float(pairs["cpu_vs_naive"]) == 1.5

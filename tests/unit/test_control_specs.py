@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from models.registry import Registry, RegistryError, register_app
+from selection import SelectionState
 from streams.config import Settings
-from streams.pipeline import new_state
 
 
 def app_record(**changes: Any) -> dict[str, Any]:
@@ -83,7 +83,7 @@ def test_a_bad_registration_is_refused_and_the_last_good_spec_stays(
 
     assert reason is not None and named in reason and reason.startswith("app digits:")
     assert registry.app("digits") == good
-    new_state(good).choose(np.random.default_rng(0))  # the kept spec still serves
+    SelectionState.for_app(good).choose(np.random.default_rng(0))  # the kept spec serves
 
 
 BAD_MODELS = [

@@ -5,76 +5,54 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from streams import codec, topics
 from streams.config import Settings
-from streams.dedup import _plan, remembered_from
-from streams.pipeline import DictStateStore, Pipeline, RawQuery
-from tests.unit.test_pipeline import RecordingProducer, answer_batches, make_registry, query
+from streams.dedup import _plan, key_function, remembered_from
+from streams.pipeline import Pipeline, now_us
+from tests.unit import fakes
+from tests.unit.fakes import answer_batches, make_pipeline, make_registry, query
 
 
-def pipeline(models: tuple[str, ...] = ("m1",), policy: str = "SINGLE") -> Pipeline:
-    return Pipeline(
-        Settings(bootstrap="unused:1"),
-        make_registry(policy, models),
-        RecordingProducer(),
-        DictStateStore(),
-        rng=np.random.default_rng(0),
-    )
-
-
-def answered(pipe: Pipeline, qid: str, partition: int) -> dict:
-    producer = pipe.producer
-    assert isinstance(producer, RecordingProducer)
-    pipe.on_queries([RawQuery(query(qid, [1.0, 2.0, 3.0]), b"app", partition, 0)])
+def answered(pipe: Pipeline, producer, qid: str, partition: int) -> dict:
+    pipe.on_queries([query(qid, partition=partition, deadline_ms=60_000)], now_us())
+    pipe.tick(now_us())
     answer_batches(pipe, producer)
-    (record,) = [
-        (value, kw) for topic, value, _, kw in producer.sent if topic == topics.PREDICTIONS
-    ]
-    return {"record": codec.decode("Prediction", record[0]), "kw": record[1]}
+    (value,) = [v for t, v, _, _ in producer.sent if t == topics.PREDICTIONS]
+    return codec.decode("Prediction", value)
 
 
-def test_prediction_goes_to_its_query_partition() -> None:
-    pipe = pipeline()
-    assert answered(pipe, "q", 3)["kw"]["partition"] == 3
-    # an error prediction too (unknown app), since the query id is known
-    pipe.on_queries(
-        [
-            RawQuery(
-                codec.encode(
-                    "Query",
-                    {
-                        "query_id": "bad",
-                        "app": "nope",
-                        "user": None,
-                        "features": [1.0],
-                        "raw": None,
-                        "text": None,
-                        "sent_at_us": 1,
-                        "deadline_ms": None,
-                    },
-                ),
-                b"nope",
-                2,
-                5,
-            )
-        ]
+def test_an_error_prediction_goes_to_its_query_partition_too() -> None:
+    pipe, producer = make_pipeline()
+    value = codec.encode(
+        "Query",
+        {
+            "query_id": "bad",
+            "app": "nope",
+            "user": None,
+            "features": [1.0],
+            "raw": None,
+            "text": None,
+            "sent_at_us": 1,
+            "deadline_ms": None,
+        },
     )
-    producer = pipe.producer
-    assert isinstance(producer, RecordingProducer)
-    errors = [kw for t, _, _, kw in producer.sent if t == topics.PREDICTIONS][1:]
-    assert [kw["partition"] for kw in errors] == [2]
+    pipe.on_queries([fakes.FakeMessage(topics.QUERIES, value, b"bad", 2, 5)], now_us())
+    assert [kw["partition"] for kw in producer.where(topics.PREDICTIONS)] == [2]
 
 
 def test_restored_memory_equals_what_the_first_worker_remembered() -> None:
-    first = pipeline(("m1", "m2"), "EXP4")
-    record = answered(first, "q", 1)["record"]
-    restored = remembered_from(record, "app")
-    live = first.recall("q")
+    registry = make_registry("EXP4", ("m1", "m2"), personalised=True)
+    first, producer = make_pipeline(registry)
+    first.on_queries([query("q", user="ann", deadline_ms=60_000)], now_us())
+    first.tick(now_us())
+    answer_batches(first, producer)
+    (value,) = [v for t, v, _, _ in producer.sent if t == topics.PREDICTIONS]
+    record = codec.decode("Prediction", value)
+    restored = remembered_from(record, key_function(registry)(record))
+    live = first.memory.recall("q", now_us())
     assert restored is not None and live is not None
     assert restored.labels == live.labels and restored.probs == live.probs
-    assert restored.key == live.key and restored.at_us == live.at_us
+    assert restored.key == live.key == "app|ann" and restored.at_us == live.at_us
 
 
 def test_error_predictions_restore_no_memory() -> None:
@@ -82,52 +60,47 @@ def test_error_predictions_restore_no_memory() -> None:
     assert remembered_from(record, "a") is None
 
 
-def test_a_restored_query_is_acked_not_answered_again() -> None:
-    pipe = pipeline()
-    record = answered(pipeline(), "q", 0)["record"]  # answered by another worker
-    pipe.restore("q", remembered_from(record, "app"))
-    acked: list[int] = []
-    pipe.on_queries([RawQuery(query("q", [1.0, 2.0, 3.0]), b"app", 0, 7, lambda: acked.append(7))])
-    producer = pipe.producer
-    assert isinstance(producer, RecordingProducer)
-    assert acked == [7]
-    assert not [s for s in producer.sent if s[0] != topics.DEADLETTER]
+def test_a_restored_query_is_done_not_answered_again() -> None:
+    registry = make_registry("EXP4", ("m1", "m2"))
+    other, other_producer = make_pipeline(registry)
+    record = answered(other, other_producer, "q", 0)  # answered by another worker
+    pipe, producer = make_pipeline(registry)
+    pipe.restore([("q", remembered_from(record, "app"))])
+    pipe.on_queries([query("q", offset=7)], now_us())
+    assert not producer.sent
     assert pipe.counts["duplicates"] == 1
-    assert pipe.recall("q") is not None  # its feedback can still be applied
+    assert pipe.offsets.to_commit() == {(topics.QUERIES, 0): 8}
+    assert pipe.memory.recall("q", now_us()) is not None  # its feedback can still be applied
 
 
-def test_dropped_partitions_are_forgotten_unacked_and_answered_when_read_again() -> None:
-    pipe = pipeline()
-    producer = pipe.producer
-    assert isinstance(producer, RecordingProducer)
-    acked: list[str] = []
+def test_dropped_partitions_are_forgotten_uncommitted_and_answered_when_read_again() -> None:
+    pipe, producer = make_pipeline()
+    now = now_us()
     pipe.on_queries(
-        [
-            RawQuery(query("a", [1.0, 2.0, 3.0]), b"app", 0, 0, lambda: acked.append("a")),
-            RawQuery(query("b", [1.0, 2.0, 4.0]), b"app", 1, 0, lambda: acked.append("b")),
-        ]
+        [query("a", partition=0, deadline_ms=60_000), query("b", [1.0, 2.0, 4.0], partition=1)],
+        now,
     )
-    assert pipe.drop_partitions({0}) == 1
+    pipe.tick(now)
+    assert pipe.drop({0}) == 1
     while answer_batches(pipe, producer):  # the dropped query's answer comes late: ignored
-        pass
-    pipe.tick()
+        pipe.tick(now_us())
+    producer.poll()
     assert [p["query_id"] for p in producer.on(topics.PREDICTIONS, "Prediction")] == ["b"]
-    assert acked == ["b"]
+    assert {tp: o for tp, o in pipe.offsets.to_commit().items() if tp[0] == topics.QUERIES} == {
+        (topics.QUERIES, 1): 1
+    }
     # the partition's next owner (here: the same pipeline again) reads it and answers it
-    pipe.on_queries(
-        [RawQuery(query("a", [1.0, 2.0, 3.0]), b"app", 0, 0, lambda: acked.append("a"))]
-    )
+    pipe.on_queries([query("a", partition=0, deadline_ms=60_000)], now_us())
+    pipe.tick(now_us())
     while answer_batches(pipe, producer):
-        pass
-    pipe.tick()
+        pipe.tick(now_us())
     assert sorted(p["query_id"] for p in producer.on(topics.PREDICTIONS, "Prediction")) == [
         "a",
         "b",
     ]
-    assert sorted(acked) == ["a", "b"]
 
 
-class FakeMessage:
+class StampedMessage:
     def __init__(self, partition: int, offset: int, timestamp_ms: int) -> None:
         self._p, self._o, self._t = partition, offset, timestamp_ms
 
@@ -150,7 +123,7 @@ class FakeConsumer:
 
     def __init__(self, logs: dict[str, dict[int, list[int]]], committed: dict[int, int]) -> None:
         self.logs, self.committed_offsets = logs, committed
-        self.queue: list[FakeMessage] = []
+        self.queue: list[StampedMessage] = []
 
     def committed(self, tps: list, timeout: float = 0) -> list:
         from confluent_kafka import TopicPartition
@@ -177,17 +150,17 @@ class FakeConsumer:
 
     def assign(self, tps: list) -> None:
         self.queue = [
-            FakeMessage(tp.partition, tp.offset, self.logs[tp.topic][tp.partition][tp.offset])
+            StampedMessage(tp.partition, tp.offset, self.logs[tp.topic][tp.partition][tp.offset])
             for tp in tps
         ]
 
     def unassign(self) -> None:
         self.queue = []
 
-    def poll(self, timeout: float = 0) -> FakeMessage | None:
+    def poll(self, timeout: float = 0) -> StampedMessage | None:
         return self.queue.pop(0) if self.queue else None
 
-    def consume(self, n: int, timeout: float = 0) -> list[FakeMessage]:
+    def consume(self, n: int, timeout: float = 0) -> list[StampedMessage]:
         out, self.queue = self.queue[:n], self.queue[n:]
         return out
 
@@ -202,11 +175,11 @@ def test_plan_reads_back_from_the_first_redelivered_query_less_the_clock_skew() 
     consumer = FakeConsumer(logs, committed={0: 95, 1: 1})
     settings = Settings(bootstrap="unused:1", answer_ttl_s=30.0, partitions=2)
     plan = _plan(consumer, settings, [0, 1], now)  # type: ignore[arg-type]
-    # query 95 was sent at now-5 s: predictions from now-65 s (offset 35) may answer it
-    assert plan.recent == {0: (35, 98)}
-    # the answer memory goes back 30 s only, so nothing older is needed for partition 0;
-    # partition 1 has nothing to redeliver, and its memory window holds its one prediction
-    assert plan.older == {1: (0, 1)}
+    # query 95 was stamped at now-5 s: predictions from now-10 s (offset 90) may answer it
+    assert plan.recent == {0: (90, 98)}
+    # the answer memory goes back 30 s (offset 70); partition 1 has nothing to redeliver,
+    # and its memory window holds its one prediction
+    assert plan.older == {0: (70, 90), 1: (0, 1)}
 
 
 def test_plan_with_a_long_answer_memory_reads_the_rest_in_the_background() -> None:

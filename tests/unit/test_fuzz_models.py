@@ -57,7 +57,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
 class StubFollower:
     """The replica's view of the registry, without a control topic."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, **hooks: object) -> None:
         self.registry = Registry()
 
     def sync(self, timeout: float = 30.0) -> Registry:

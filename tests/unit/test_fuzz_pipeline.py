@@ -1,15 +1,14 @@
-"""Property tests of the worker's query path and feedback agent, driven in-process.
+"""Property tests of the worker's query path and learning, driven in-process.
 
 Whatever mix of queries, garbage and malformed model answers arrives, every message is
-acknowledged once, every decodable query id gets exactly one prediction, every undecodable
-message gets a dead-letter record carrying its bytes, nothing stays pending, and the
-pipeline's memory stays within its configured bounds."""
+done (its offset committable), every decodable query id gets exactly one prediction, every
+undecodable message gets a dead-letter record carrying its bytes, nothing stays pending,
+and the pipeline's memory stays within its configured bounds."""
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -20,11 +19,12 @@ from prometheus_client import REGISTRY
 
 from models.registry import Registry
 from streams import codec, topics
-from streams.app import Worker
-from streams.config import Settings
-from streams.pipeline import MAX_DEADLINE_MS, DictStateStore, Pipeline, RawQuery, now_us
+from streams.learning import Learner
+from streams.limits import MAX_DEADLINE_MS
+from streams.pipeline import Pipeline, now_us
+from tests.unit import fakes
+from tests.unit.fakes import FakeMessage, RecordingProducer, make_registry, result_for
 from tests.unit.fuzz_counts import report_inputs, tried
-from tests.unit.test_pipeline import RecordingProducer, make_registry, result_for
 
 pytestmark = pytest.mark.usefixtures("report_inputs")
 __all__ = ["report_inputs"]
@@ -53,15 +53,7 @@ def registry() -> Registry:
 
 
 def make_pipeline(**settings: Any) -> tuple[Pipeline, RecordingProducer]:
-    producer = RecordingProducer()
-    pipe = Pipeline(
-        Settings(bootstrap="unused:1", **settings),
-        registry(),
-        producer,
-        DictStateStore(),
-        rng=np.random.default_rng(0),
-    )
-    return pipe, producer
+    return fakes.make_pipeline(registry(), **settings)
 
 
 query_records = st.fixed_dictionaries(
@@ -114,7 +106,9 @@ def play_replicas(pipe: Pipeline, producer: RecordingProducer, modes: list[str])
         if mode == "silent":
             continue
         if mode == "bytes":
-            pipe.on_result(b"\xc3\x01garbage" + value[:7], 0, i)
+            pipe.on_results(
+                [FakeMessage(topics.RESPONSES, b"\xc3\x01garbage" + value[:7])], now_us()
+            )
             continue
         if mode == "short labels":
             result["labels"] = result["labels"][:-1]
@@ -122,27 +116,32 @@ def play_replicas(pipe: Pipeline, producer: RecordingProducer, modes: list[str])
             result["scores"] = result["scores"][:-3]
         elif mode == "stray":
             result["model"] = "fuzz-not-asked"
-        pipe.on_result(codec.encode("ModelBatchResult", result), batch["reply_partition"], i)
+        value = codec.encode("ModelBatchResult", result)
+        pipe.on_results(
+            [FakeMessage(topics.RESPONSES, value, None, batch["reply_partition"], i)], now_us()
+        )
     return len(requests)
 
 
 def run(pipe: Pipeline, producer: RecordingProducer, values: list[bytes], modes: list[str]):
-    acks: Counter[int] = Counter()
     start = now_us()
-    raws = [RawQuery(v, b"k", i % 4, i, lambda i=i: acks.update([i])) for i, v in enumerate(values)]
-    pipe.on_queries(raws, start)
+    msgs = [FakeMessage(topics.QUERIES, v, b"k", i % 4, i) for i, v in enumerate(values)]
+    pipe.on_queries(msgs, start)
     for _ in range(3):  # batches left waiting go out as slots free up
-        play_replicas(pipe, producer, modes)
         pipe.tick(now_us())
+        play_replicas(pipe, producer, modes)
     pipe.tick(start + LATER_US)
     play_replicas(pipe, producer, modes)  # answers after the deadline are dropped
     pipe.tick(start + LATER_US)
     producer.poll(0)
-    return acks
+    return msgs
 
 
-def check_outcomes(values: list[bytes], producer: RecordingProducer, acks: Counter) -> None:
-    assert acks == Counter(range(len(values))), "every message is acknowledged exactly once"
+def check_outcomes(pipe: Pipeline, msgs: list, producer: RecordingProducer) -> None:
+    last = {m.partition(): m.offset() for m in msgs}
+    done = {p: o for (t, p), o in pipe.offsets.to_commit().items() if t == topics.QUERIES}
+    assert done == {p: o + 1 for p, o in last.items()}, "every message is done"
+    values = [m.value() for m in msgs]
     predictions = Counter(p["query_id"] for p in producer.on(topics.PREDICTIONS, "Prediction"))
     letters = producer.on(topics.DEADLETTER, "DeadLetter")
     decoded_ids = set()
@@ -164,13 +163,15 @@ def check_outcomes(values: list[bytes], producer: RecordingProducer, acks: Count
 def test_every_message_gets_one_outcome_and_nothing_stays_pending(values, modes) -> None:
     tried("queries topic messages", len(values))
     pipe, producer = make_pipeline()
-    acks = run(pipe, producer, values, modes)
-    check_outcomes(values, producer, acks)
-    assert not pipe.pending and not pipe._deadlines
-    assert all(b.pending == 0 for b in pipe.batchers.values())
+    msgs = run(pipe, producer, values, modes)
+    check_outcomes(pipe, msgs, producer)
+    assert not pipe.pending and pipe.pending.next_deadline() is None
+    assert all(len(q) == 0 for q in pipe.dispatch.queues.values())
     # and it keeps serving: a good query afterwards gets a model answer
     producer.sent.clear()
-    pipe.on_queries([RawQuery(_good_query("after"), b"app", 0, 10_000)])
+    pipe.on_queries(
+        [FakeMessage(topics.QUERIES, _good_query("after"), b"app", 0, 10_000)], now_us()
+    )
     pipe.tick(now_us() + 5_000)  # its batch window ran out (slots may still be held)
     play_replicas(pipe, producer, ["ok"])
     (after,) = producer.on(topics.PREDICTIONS, "Prediction")
@@ -198,7 +199,7 @@ def test_memory_stays_bounded_over_a_long_bad_stream() -> None:
     """Many thousands of inputs, a third of them garbage: the pipeline's remembered ids,
     cache and metrics label sets stay within their bounds."""
     rng = np.random.default_rng(7)
-    pipe, producer = make_pipeline(answer_memory=500, cache_size=200)
+    pipe, producer = make_pipeline(answer_memory=500, dedup_memory=500, cache_size=200)
     total = 0
     for round_ in range(20):
         values = []
@@ -216,6 +217,7 @@ def test_memory_stays_bounded_over_a_long_bad_stream() -> None:
         producer.sent.clear()  # what a broker would have taken
         assert not pipe.pending
         assert len(pipe.emitted) <= 500 and len(pipe.memory) <= 500
+        assert pipe.pending.heap_size() <= 1024
         assert len(pipe.cache._items) <= 200
     tried("long-run messages", total)
     labels = {
@@ -228,18 +230,6 @@ def test_memory_stays_bounded_over_a_long_bad_stream() -> None:
 
 
 # -- feedback ------------------------------------------------------------------------------
-
-
-def feedback_worker() -> tuple[Any, Pipeline, RecordingProducer]:
-    """The state a Worker's feedback agent touches, without Faust: the pipeline, the state
-    store and a dict standing in for the table."""
-    pipe, producer = make_pipeline()
-    states = DictStateStore()
-    pipe.states = states
-    worker = SimpleNamespace(pipeline=pipe, states=SimpleNamespace(cache={}), table={})
-    worker.states.state_for = states.state_for
-    worker.install_snapshot = lambda snap: Worker.install_snapshot(worker, snap)
-    return worker, pipe, producer
 
 
 feedback_records = st.fixed_dictionaries(
@@ -256,40 +246,49 @@ feedback_records = st.fixed_dictionaries(
 
 @st.composite
 def feedback_messages(draw: st.DrawFn) -> bytes:
-    kind = draw(st.sampled_from(["feedback", "feedback", "bytes", "snapshot", "truncated"]))
+    kind = draw(st.sampled_from(["feedback", "feedback", "bytes", "truncated"]))
     if kind == "bytes":
         return draw(st.binary(max_size=64))
-    if kind == "snapshot":
-        return codec.encode(
-            "SelectionSnapshot",
-            {
-                "key": "app",
-                "app": "app",
-                "state": draw(st.sampled_from(["{}", "[]", "null", "5", "{bad json"])),
-                "source": "fuzz",
-                "at_us": 0,
-            },
-        )
     data = codec.encode("Feedback", draw(feedback_records))
     if kind == "truncated":
         return data[: draw(st.integers(0, len(data) - 1))]
     return data
 
 
+@st.composite
+def snapshots(draw: st.DrawFn) -> bytes:
+    return codec.encode(
+        "SelectionSnapshot",
+        {
+            "key": "app",
+            "app": "app",
+            "state": draw(st.sampled_from(["{}", "[]", "null", "5", "{bad json"])),
+            "source": "fuzz",
+            "at_us": 0,
+            "observed_offset": draw(st.integers(-1, 10)),
+        },
+    )
+
+
 @FUZZ
-@given(values=st.lists(feedback_messages(), min_size=1, max_size=20))
-def test_feedback_is_applied_or_dead_lettered_and_weights_stay_finite(values) -> None:
-    tried("feedback messages", len(values))
-    worker, pipe, producer = feedback_worker()
-    pipe.on_queries([RawQuery(_good_query("known"), b"app", 0, 0)])
+@given(
+    values=st.lists(feedback_messages(), min_size=1, max_size=20),
+    bad_snapshots=st.lists(snapshots(), max_size=3),
+)
+def test_feedback_is_observed_or_dead_lettered_and_weights_stay_finite(
+    values, bad_snapshots
+) -> None:
+    tried("feedback messages", len(values) + len(bad_snapshots))
+    pipe, producer = make_pipeline()
+    pipe.on_queries([FakeMessage(topics.QUERIES, _good_query("known"), b"app", 0, 0)], now_us())
+    pipe.tick(now_us())
     play_replicas(pipe, producer, ["ok"])
     producer.sent.clear()
-    for i, value in enumerate(values):
-        message = SimpleNamespace(value=value, key=b"app", partition=0, offset=i)
-        Worker.on_feedback(worker, message)
+    msgs = [FakeMessage(topics.FEEDBACK, v, b"app", 0, i) for i, v in enumerate(values)]
+    pipe.on_feedback(msgs, now_us())
+    producer.poll()
     letters = producer.on(topics.DEADLETTER, "DeadLetter")
     assert all(d["reason"] and d["stage"] == "feedback" for d in letters)
-    applied = 0
     for value in values:
         try:
             fb = codec.decode("Feedback", value)
@@ -301,11 +300,26 @@ def test_feedback_is_applied_or_dead_lettered_and_weights_stay_finite(values) ->
             and fb["app"] in ("app",)
             and (fb["label"] is not None or (fb["reward"] is not None and 0 <= fb["reward"] <= 1))
         )
+        signal = fb["label"] is not None or (fb["reward"] is not None and 0 <= fb["reward"] <= 1)
+        ignored = fb["app"] == "open" and signal and fb["query_id"] == "known"
         dead = [d for d in letters if d["value"] == value]
-        assert good != bool(dead), (fb, dead)
-        if fb["query_id"] != "known" and dead:
+        assert (good or ignored) != bool(dead), (fb, dead)
+        if fb["query_id"] != "known" and fb["app"] == "app" and signal:
             assert "unknown or expired query" in dead[0]["reason"]
-        applied += good
-    state = worker.states.state_for("app", pipe.registry.app("app"))
-    weights = list(state.weights().values())
-    assert all(math.isfinite(w) for w in weights) and sum(weights) == pytest.approx(1.0)
+    done = {p: o for (t, p), o in pipe.offsets.to_commit().items() if t == topics.FEEDBACK}
+    assert done == {0: len(values)}, "every feedback message is done"
+    # the key's writer folds the observations; bad snapshots are refused, not installed
+    learned: list[str] = []
+    table: dict[bytes, Any] = {}
+    learner = Learner(table, pipe.registry, dead_letter=lambda r, why: learned.append(why))
+    observations = [
+        (k, v, 0, i) for i, (t, v, k, _) in enumerate(producer.sent) if t == topics.OBSERVATIONS
+    ]
+    n = len(observations)
+    learner.apply(observations + [(b"app", v, 0, n + i) for i, v in enumerate(bad_snapshots)])
+    assert learner.counts["applied"] == n
+    assert len(learned) == len(bad_snapshots)
+    if n:
+        state = learner.states["app"]
+        weights = list(state.weights().values())
+        assert all(math.isfinite(w) for w in weights) and sum(weights) == pytest.approx(1.0)

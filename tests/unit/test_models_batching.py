@@ -1,8 +1,6 @@
 from __future__ import annotations
 
-import pytest
-
-from models.batching import AIMDController, Batcher, BatchWindow, should_flush
+from models.batching import AIMDController, BatchPolicy, BatchQueue
 
 
 def run(controller: AIMDController, latency, rounds: int = 400) -> list[int]:
@@ -42,21 +40,22 @@ def test_aimd_keeps_growing_when_even_one_row_misses_the_slo() -> None:
     assert sizes[-1] == 64
 
 
-def test_should_flush_on_size_or_window() -> None:
-    w = BatchWindow(max_wait_us=2_000)
-    assert not should_flush(0, 8, 10_000, w)
-    assert should_flush(8, 8, 0, w)
-    assert not should_flush(3, 8, 1_999, w)
-    assert should_flush(3, 8, 2_000, w)
+def test_policy_sends_to_an_idle_model_at_once_and_batches_for_a_busy_one() -> None:
+    policy = BatchPolicy(AIMDController(slo_us=1e9, initial=8), max_wait_us=2_000)
+    assert policy.take(0, 10_000, idle=True) == 0
+    assert policy.take(3, 0, idle=True) == 3  # idle: no reason to wait
+    assert policy.take(3, 1_999, idle=False) == 0  # busy: wait for the window...
+    assert policy.take(3, 2_000, idle=False) == 3  # ...until it is over
+    assert policy.take(20, 0, idle=False) == 8  # or a full batch, at most the AIMD limit
+    assert policy.due_us(100) == 2_100
 
 
-def test_batcher_hands_out_full_batches_then_waits_for_the_window() -> None:
-    b: Batcher[int] = Batcher(AIMDController(slo_us=1e9, initial=4), BatchWindow(1_000))
+def test_queue_hands_out_oldest_rows_and_keeps_the_oldest_arrival() -> None:
+    q: BatchQueue[int] = BatchQueue()
     for i in range(10):
-        b.add(i, now_us=100 + i)
-    assert b.due(200) == [0, 1, 2, 3]
-    assert b.due(200) == [4, 5, 6, 7]
-    assert b.due(200) is None  # 2 left, window not over
-    assert b.next_due_us == pytest.approx(1_100)
-    assert b.due(1_100) == [8, 9]
-    assert b.pending == 0 and b.next_due_us is None
+        q.add(i, now_us=100 + i)
+    assert q.take(4) == [0, 1, 2, 3]
+    assert q.oldest_us == 100  # rows left behind waited at least this long
+    assert q.retain(lambda i: i % 2 == 0) == 3
+    assert q.take(10) == [4, 6, 8]
+    assert len(q) == 0 and q.oldest_us is None

@@ -8,6 +8,8 @@ from pathlib import Path
 import yaml
 
 from streams import gateway
+from streams.config import Settings
+from streams.limits import MAX_DEADLINE_MS
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = yaml.safe_load((ROOT / "docs" / "openapi.yaml").read_text())
@@ -19,7 +21,10 @@ def test_the_document_lists_exactly_the_gateways_routes() -> None:
     assert documented == set(gateway.ROUTES)
     for method, path in gateway.ROUTES:
         responses = SPEC["paths"][path][method]["responses"]
-        assert {"400", "404"} <= set(responses), path
+        assert {"400", "401", "403", "404"} <= set(responses), path
+    # every route needs the bearer token
+    assert SPEC["security"] == [{"bearerToken": []}]
+    assert SPEC["components"]["securitySchemes"]["bearerToken"]["scheme"] == "bearer"
 
 
 def test_request_and_response_fields_match_the_code_and_the_avro_schema() -> None:
@@ -40,7 +45,10 @@ def test_bodies_are_validated_with_reasons() -> None:
         ({"features": [1]}, "expected 2 features"),
         ({"features": [1, float("nan")]}, "finite"),
         ({"features": [True, 1]}, "only numbers"),
-        ({"features": [1, 2], "deadline_ms": 0}, "positive integer"),
+        ({"features": [1, 2], "deadline_ms": 0}, "must be in (0, 600000]"),
+        ({"features": [1, 2], "deadline_ms": MAX_DEADLINE_MS + 1}, "must be in (0, 600000]"),
+        ({"features": [1, 2], "deadline_ms": 2.5}, "integer number of milliseconds"),
+        ({"features": [1, 2], "deadline_ms": True}, "integer number of milliseconds"),
         ({"features": [1, 2], "user": ""}, "'user'"),
     ]:
         try:
@@ -49,5 +57,31 @@ def test_bodies_are_validated_with_reasons() -> None:
             assert reason in str(exc)
         else:
             raise AssertionError(f"{body} was accepted")
+    longest = {"features": [1, 2], "deadline_ms": MAX_DEADLINE_MS}
+    assert gateway.parse_predict(longest, app)["deadline_ms"] == MAX_DEADLINE_MS
     assert gateway.parse_feedback({"query_id": "q", "label": 3})["label"] == 3
     assert gateway.parse_feedback({"query_id": "q", "reward": 1})["reward"] == 1.0
+
+
+def test_one_deadline_bound_everywhere() -> None:
+    """The gateway, the SDK's Client, the worker and this document share one bound."""
+    from streams import limits, pipeline
+    from streams.sdk import Client
+
+    field = SPEC["components"]["schemas"]["PredictRequest"]["properties"]["deadline_ms"]
+    assert (field["minimum"], field["maximum"]) == (1, MAX_DEADLINE_MS)
+    assert pipeline.deadline_problem is limits.deadline_problem  # the worker's own check
+    # no broker: the client must refuse before it produces anything
+    client = Client(Settings(bootstrap="127.0.0.1:9"), log_level=0)
+    sent: list[tuple] = []
+    client._produce = lambda *args: sent.append(args)  # type: ignore[method-assign]
+    for bad in (0, -1, MAX_DEADLINE_MS + 1, 2**31):
+        try:
+            client.send_query("app", [1.0], deadline_ms=bad)
+        except ValueError as exc:
+            assert "deadline_ms must be in (0, 600000]" in str(exc)
+        else:
+            raise AssertionError(f"deadline_ms={bad} was accepted")
+    assert sent == []
+    client.send_query("app", [1.0], deadline_ms=MAX_DEADLINE_MS)
+    assert len(sent) == 1

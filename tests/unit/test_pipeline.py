@@ -1,238 +1,147 @@
-"""The worker's query path without Kafka: a recording producer stands in for the client
-library (not for the broker; the integration tests use the real one)."""
+"""The worker's query path without Kafka (tests/unit/fakes.py stands in for the client
+library, not for the broker; the integration tests use the real one)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections import deque
 
-import numpy as np
 import pytest
 
-from models.registry import Registry
 from streams import codec, topics
-from streams.config import Settings
-from streams.pipeline import DictStateStore, Pipeline, RawQuery, now_us
+from streams.pipeline import MAX_CLIENT_SKEW_US, now_us
+from tests.unit.fakes import (
+    LOG_APPEND_TIME,
+    FakeError,
+    FakeMessage,
+    answer_batches,
+    feedback,
+    make_pipeline,
+    make_registry,
+    query,
+    query_value,
+    result_for,
+    take_batches,
+)
+
+# a long deadline: the tests step a made-up clock for batch windows, but answers are
+# stamped with the real one, and a slow shared machine must not turn them into defaults
+LONG = 60_000
 
 
-class RecordingProducer:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, bytes | None, dict[str, Any]]] = []
-        self._callbacks: list[Any] = []
-
-    def produce(self, topic: str, value: bytes, key: bytes | None = None, **kw: Any) -> None:
-        self.sent.append((topic, value, key, kw))
-        if kw.get("on_delivery"):
-            self._callbacks.append(kw["on_delivery"])
-
-    def poll(self, timeout: float = 0) -> int:
-        callbacks, self._callbacks = self._callbacks, []
-        for cb in callbacks:
-            cb(None, None)
-        return len(callbacks)
-
-    def on(self, topic: str, kind: str) -> list[dict[str, Any]]:
-        return [codec.decode(kind, v) for t, v, _, _ in self.sent if t == topic]
+def committed(pipe, topic: str = topics.QUERIES) -> dict[int, int]:
+    return {p: o for (t, p), o in pipe.offsets.to_commit().items() if t == topic}
 
 
-def make_registry(policy: str = "SINGLE", models: tuple[str, ...] = ("m1",)) -> Registry:
-    reg = Registry()
-    for name in models:
-        reg.apply(
-            {
-                "kind": "MODEL",
-                "name": name,
-                "deleted": False,
-                "app": None,
-                "model": {
-                    "version": 1,
-                    "partitions": 2,
-                    "batch_max": 4,
-                    "batch_wait_ms": 1.0,
-                    "latency_slo_ms": 20.0,
-                    "versions": [
-                        {
-                            "version": 1,
-                            "path": "/x",
-                            "format": "skops",
-                            "method": "predict_proba",
-                            "input_dim": 3,
-                            "deployed_at_us": 0,
-                        }
-                    ],
-                },
-            }
-        )
-    reg.apply(
-        {
-            "kind": "APP",
-            "name": "app",
-            "deleted": False,
-            "model": None,
-            "app": {
-                "models": list(models),
-                "policy": policy,
-                "deadline_ms": 50.0,
-                "default_label": "dflt",
-                "personalised": False,
-                "input_dim": 3,
-                "eta": 0.1,
-                "gamma": 0.05,
-                "cache": True,
-            },
-        }
-    )
-    return reg
-
-
-def query(
-    qid: str, features: list[float], sent: int | None = None, deadline_ms: float | None = None
-) -> bytes:
-    return codec.encode(
-        "Query",
-        {
-            "query_id": qid,
-            "app": "app",
-            "user": None,
-            "features": features,
-            "raw": None,
-            "text": None,
-            "sent_at_us": sent or now_us(),
-            "deadline_ms": deadline_ms,
-        },
-    )
-
-
-def answer_batches(
-    pipe: Pipeline, producer: RecordingProducer, label: str = "1", only: str | None = None
-) -> int:
-    """Play a replica: answer the batches sent so far (to model ``only``, if given)."""
-
-    def wanted(sent: tuple) -> bool:
-        topic = sent[0]
-        return topic.endswith(".requests") and (
-            only is None or topic == f"clipstream.model.{only}.requests"
-        )
-
-    requests = [s for s in producer.sent if wanted(s)]
-    producer.sent = [s for s in producer.sent if not wanted(s)]
-    for _, value, _, _ in requests:
-        batch = codec.decode("ModelBatch", value)
-        result = result_for(batch, label)
-        pipe.on_result(codec.encode("ModelBatchResult", result), batch["reply_partition"])
-    return len(requests)
-
-
-def result_for(batch: dict, label: str = "1") -> dict:
-    """A replica's answer to ``batch``: ``label`` with score 0.8 for every row."""
-    rows = batch["rows"]
-    return {
-        "batch_id": batch["batch_id"],
-        "model": batch["model"],
-        "version": batch["version"],
-        "replica": "r",
-        "query_ids": batch["query_ids"],
-        "labels": [label] * rows,
-        "classes": ["0", "1"],
-        "scores": np.tile([0.2, 0.8], (rows, 1)).tobytes(),
-        "errors": [None] * rows,
-        "batch_sent_at_us": batch["sent_at_us"],
-        "model_us": 100,
-    }
-
-
-@pytest.fixture
-def setup() -> tuple[Pipeline, RecordingProducer, list[str]]:
-    producer = RecordingProducer()
-    pipe = Pipeline(
-        Settings(bootstrap="unused:1"),
-        make_registry(),
-        producer,
-        DictStateStore(),
-        rng=np.random.default_rng(0),
-    )
-    return pipe, producer, []
-
-
-def test_each_query_gets_one_prediction_and_is_acked_after_delivery(setup) -> None:
-    pipe, producer, acked = setup
-    # The test steps a made-up clock for the batch window, but answers are stamped with the
-    # real one; a long deadline keeps a slow (shared) machine from turning them into defaults.
-    raws = [
-        RawQuery(
-            query(f"q{i}", [1.0, 2.0, float(i)], deadline_ms=60_000),
-            b"app",
-            0,
-            i,
-            lambda i=i: acked.append(f"q{i}"),
-        )
-        for i in range(10)
-    ]
+def test_each_query_gets_one_prediction_and_commits_only_after_delivery() -> None:
+    pipe, producer = make_pipeline()
     start = now_us()
-    pipe.on_queries(raws, start)
+    pipe.on_queries([query(f"q{i}", [1.0, 2.0, float(i)], offset=i) for i in range(10)], start)
+    pipe.tick(start)
     assert not producer.on(topics.PREDICTIONS, "Prediction")
-    assert acked == []  # nothing acked before its prediction exists
-    batches = producer.on(topics.model_requests("m1"), "ModelBatch")
-    # full batches of the AIMD limit (4) go at once, while the model has free slots (2)
-    assert [b["rows"] for b in batches] == [4, 4]
+    assert committed(pipe) == {}  # nothing before its prediction exists
+    # the idle model gets a batch at once; then one more while it has a free slot (2)
+    assert [b["rows"] for b in producer.on(topics.model_requests("m1"), "ModelBatch")] == [4, 4]
     pipe.tick(start + 1_500)
     # the window ran out, but both slots are taken: the last 2 rows wait here, not in Kafka
-    assert [b["rows"] for b in producer.on(topics.model_requests("m1"), "ModelBatch")] == [4, 4]
+    assert len(producer.on(topics.model_requests("m1"), "ModelBatch")) == 2
     assert answer_batches(pipe, producer) == 2
-    # with the model idle again the waiting rows go out
+    pipe.tick(now_us())  # the model is free again: the waiting rows go out
     assert [b["rows"] for b in producer.on(topics.model_requests("m1"), "ModelBatch")] == [2]
     assert answer_batches(pipe, producer) == 1
-    pipe.tick(now_us())  # poll delivery callbacks
+    assert committed(pipe) == {}  # produced, not yet delivered
+    producer.poll()
     preds = producer.on(topics.PREDICTIONS, "Prediction")
     assert sorted(p["query_id"] for p in preds) == sorted(f"q{i}" for i in range(10))
     assert all(p["label"] == "1" and p["score"] == pytest.approx(0.8) for p in preds)
-    assert sorted(acked) == sorted(f"q{i}" for i in range(10))
+    assert committed(pipe) == {0: 10}
 
 
-def test_duplicate_query_ids_and_late_answers_do_not_emit_twice(setup) -> None:
-    pipe, producer, _ = setup
-    pipe.on_queries([RawQuery(query("q", [1, 2, 3]), b"app", 0, 0)])
-    pipe.on_queries([RawQuery(query("q", [1, 2, 3]), b"app", 0, 1)])  # redelivered
-    batches = producer.on(topics.model_requests("m1"), "ModelBatch")
+def test_the_committed_offset_waits_for_the_first_query_not_answered() -> None:
+    pipe, producer = make_pipeline(make_registry("EXP4", ("m1", "m2")))
+    start = now_us()
+    pipe.on_queries([query("a", offset=0), query("b", [3.0, 2.0, 1.0], offset=1)], start)
+    pipe.tick(start)
+    batches = take_batches(producer)
+    # answer both models for b only: b is emitted and delivered, a still waits
+    for batch in batches:
+        result = result_for(batch)
+        keep = [i for i, q in enumerate(batch["query_ids"]) if q == "b"]
+        result["query_ids"] = ["b"]
+        result["labels"] = [result["labels"][i] for i in keep]
+        result["errors"] = [None]
+        result["scores"] = result["scores"][16 * keep[0] : 16 * keep[0] + 16]
+        pipe.on_results(
+            [FakeMessage(topics.RESPONSES, codec.encode("ModelBatchResult", result))], start
+        )
+    producer.poll()
+    assert [p["query_id"] for p in producer.on(topics.PREDICTIONS, "Prediction")] == ["b"]
+    assert committed(pipe) == {}  # not past a, whose result could still be lost
+
+
+def test_prediction_goes_to_its_query_partition_keyed_by_query_id() -> None:
+    pipe, producer = make_pipeline()
+    pipe.on_queries([query("q", partition=3, deadline_ms=LONG)], now_us())
+    pipe.tick(now_us())
     answer_batches(pipe, producer)
-    for batch in batches:  # the same answer again, as after a replica crash
-        result = {
-            "batch_id": batch["batch_id"],
-            "model": "m1",
-            "version": 1,
-            "replica": "r2",
-            "query_ids": batch["query_ids"],
-            "labels": ["1"],
-            "classes": ["0", "1"],
-            "scores": np.array([[0.2, 0.8]]).tobytes(),
-            "errors": [None],
-            "batch_sent_at_us": 0,
-            "model_us": 1,
-        }
-        pipe.on_result(codec.encode("ModelBatchResult", result), 0)
-    pipe.on_queries([RawQuery(query("q", [1, 2, 3]), b"app", 0, 2)])  # after emission
+    (where,) = producer.where(topics.PREDICTIONS)
+    assert where["partition"] == 3
+    assert [k for t, _, k, _ in producer.sent if t == topics.PREDICTIONS] == [b"q"]
+
+
+def test_duplicate_query_ids_and_late_answers_do_not_emit_twice() -> None:
+    pipe, producer = make_pipeline()
+    now = now_us()
+    pipe.on_queries([query("q", offset=0, deadline_ms=LONG)], now)
+    pipe.on_queries([query("q", offset=1, deadline_ms=LONG)], now)  # redelivered
+    pipe.tick(now)
+    batches = take_batches(producer)
+    for batch in batches * 2:  # the same answer twice, as after a replica crash
+        value = codec.encode("ModelBatchResult", result_for(batch))
+        pipe.on_results([FakeMessage(topics.RESPONSES, value)], now_us())
+    pipe.on_queries([query("q", offset=2)], now_us())  # after it was answered
     assert [p["query_id"] for p in producer.on(topics.PREDICTIONS, "Prediction")] == ["q"]
     assert pipe.counts["duplicates"] == 2
     assert pipe.counts["late_answers"] == 1
+    producer.poll()
+    assert committed(pipe) == {0: 3}
 
 
-def test_deadline_emits_default_output_once(setup) -> None:
-    pipe, producer, _ = setup
+def test_deadline_emits_default_output_once_just_before_the_deadline() -> None:
+    pipe, producer = make_pipeline()  # app deadline 50 ms, emit margin 2 ms
     start = now_us()
-    pipe.on_queries([RawQuery(query("slow", [1, 2, 3], sent=start), b"app", 0, 0)], start)
-    pipe.tick(start + 10_000)
+    pipe.on_queries([query("slow", sent=start)], start)
+    assert pipe.tick(start + 10_000) == start + 48_000  # when it needs to run next
     assert not producer.on(topics.PREDICTIONS, "Prediction")
-    pipe.tick(start + 51_000)
+    pipe.tick(start + 48_000)
     (pred,) = producer.on(topics.PREDICTIONS, "Prediction")
     assert pred["default"] is True and pred["label"] == "dflt" and pred["query_id"] == "slow"
     answer_batches(pipe, producer)  # the model answers after the deadline
     assert len(producer.on(topics.PREDICTIONS, "Prediction")) == 1
 
 
-def test_cache_hit_answers_without_a_batch(setup) -> None:
-    pipe, producer, _ = setup
-    pipe.on_queries([RawQuery(query("a", [1, 2, 3]), b"app", 0, 0)])
+def test_deadline_starts_at_the_brokers_stamp_when_the_client_clock_is_off() -> None:
+    pipe, _ = make_pipeline()
+    now = now_us()
+    appended_ms = now // 1000
+
+    def stamped(qid: str, sent: int) -> FakeMessage:
+        value = query_value(qid, [1.0, 2.0, 3.0], sent=sent, deadline_ms=100)
+        return FakeMessage(topics.QUERIES, value, None, 0, 0, (LOG_APPEND_TIME, appended_ms))
+
+    behind = now - 1_000_000  # a client clock a second behind
+    close = now - MAX_CLIENT_SKEW_US // 2
+    pipe.on_queries([stamped("behind", behind), stamped("close", close)], now)
+    deadlines = {p.query_id: p.deadline_us for p in pipe.pending.values()}
+    assert deadlines["behind"] == appended_ms * 1000 + 100_000 - 2_000  # not long gone
+    assert deadlines["close"] == close + 100_000 - 2_000  # its own clock is trusted
+
+
+def test_cache_hit_answers_without_a_batch() -> None:
+    pipe, producer = make_pipeline()
+    pipe.on_queries([query("a", deadline_ms=LONG)], now_us())
+    pipe.tick(now_us())
     answer_batches(pipe, producer)
-    pipe.on_queries([RawQuery(query("b", [1, 2, 3]), b"app", 0, 1)])
+    pipe.on_queries([query("b", offset=1)], now_us())
     assert not producer.on(topics.model_requests("m1"), "ModelBatch")
     preds = {p["query_id"]: p for p in producer.on(topics.PREDICTIONS, "Prediction")}
     assert preds["b"]["cache_hit"] is True and preds["b"]["label"] == "1"
@@ -240,25 +149,22 @@ def test_cache_hit_answers_without_a_batch(setup) -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "reason"),
-    [
-        (b"\x01\x02garbage", "not a valid Avro Query"),
-        (b"", "empty message"),
-    ],
+    ("value", "reason"), [(b"\x01\x02garbage", "not a valid Avro Query"), (b"", "empty message")]
 )
-def test_undecodable_query_is_dead_lettered_and_acked(setup, value, reason) -> None:
-    pipe, producer, acked = setup
-    pipe.on_queries([RawQuery(value, b"k", 3, 7, lambda: acked.append("x"))])
-    pipe.tick()
+def test_undecodable_query_is_dead_lettered_and_then_done(value, reason) -> None:
+    pipe, producer = make_pipeline()
+    pipe.on_queries([FakeMessage(topics.QUERIES, value, b"k", 3, 7)], now_us())
     (letter,) = producer.on(topics.DEADLETTER, "DeadLetter")
     assert reason in letter["reason"] and letter["value"] == value
     assert (letter["partition"], letter["offset"], letter["stage"]) == (3, 7, "intake")
-    assert acked == ["x"]
+    assert committed(pipe) == {}
+    producer.poll()
+    assert committed(pipe) == {3: 8}
 
 
-def test_wrong_dimension_gets_error_prediction_and_dead_letter(setup) -> None:
-    pipe, producer, _ = setup
-    pipe.on_queries([RawQuery(query("bad", [1.0]), b"app", 0, 0)])
+def test_wrong_dimension_gets_error_prediction_and_dead_letter() -> None:
+    pipe, producer = make_pipeline()
+    pipe.on_queries([query("bad", [1.0])], now_us())
     (pred,) = producer.on(topics.PREDICTIONS, "Prediction")
     assert pred["query_id"] == "bad" and "expected 3 features" in pred["error"]
     (letter,) = producer.on(topics.DEADLETTER, "DeadLetter")
@@ -266,15 +172,10 @@ def test_wrong_dimension_gets_error_prediction_and_dead_letter(setup) -> None:
 
 
 def test_a_straggler_is_recorded_in_the_answers_and_remembered_as_a_loss() -> None:
-    producer = RecordingProducer()
-    pipe = Pipeline(
-        Settings(bootstrap="unused:1"),
-        make_registry("EXP4", ("m1", "m2")),
-        producer,
-        DictStateStore(),
-    )
+    pipe, producer = make_pipeline(make_registry("EXP4", ("m1", "m2")))
     start = now_us()
-    pipe.on_queries([RawQuery(query("q", [1, 2, 3], sent=start), b"app", 0, 0)], start)
+    pipe.on_queries([query("q", sent=start)], start)
+    pipe.tick(start)
     answer_batches(pipe, producer, only="m1")  # m2 never answers
     pipe.tick(start + 51_000)
     (pred,) = producer.on(topics.PREDICTIONS, "Prediction")
@@ -282,25 +183,145 @@ def test_a_straggler_is_recorded_in_the_answers_and_remembered_as_a_loss() -> No
     by_model = {a["model"]: a for a in pred["answers"]}
     assert by_model["m2"]["label"] is None and "deadline" in by_model["m2"]["error"]
     assert by_model["m2"]["prob"] == pytest.approx(0.5)
-    assert pipe.recall("q").labels == {"m1": "1", "m2": None}
+    assert pipe.memory.recall("q", start).labels == {"m1": "1", "m2": None}
 
 
-def test_a_busy_model_is_not_sent_rows_that_cannot_come_back_in_time(setup) -> None:
-    pipe, producer, _ = setup
-    pipe.round_trip_us["m1"] = 50_000  # a batch takes 50 ms there and back
-    pipe.inflight["m1"] = 1  # and the model is busy
+def test_a_busy_model_is_not_sent_rows_that_cannot_come_back_in_time() -> None:
+    pipe, producer = make_pipeline()
+    pipe.dispatch.trips["m1"] = deque([50_000, 60_000])  # a batch takes 50 ms or more
+    pipe.dispatch.inflight["m1"] = 1  # and the model is busy
     start = now_us()
     pipe.on_queries(
-        [
-            RawQuery(query("soon", [1.0, 2.0, 3.0], deadline_ms=10), b"app", 0, 0),
-            RawQuery(query("later", [1.0, 2.0, 3.0], deadline_ms=60_000), b"app", 0, 1),
-        ],
-        start,
+        [query("soon", deadline_ms=10), query("later", offset=1, deadline_ms=LONG)], start
     )
     pipe.tick(start + 5_000)  # the batch window ran out
     sent = producer.on(topics.model_requests("m1"), "ModelBatch")
     assert [b["query_ids"] for b in sent] == [["later"]]
-    assert pipe.counts["hopeless_rows"] == 1
+    assert pipe.dispatch.hopeless_rows == 1
     pipe.tick(start + 20_000)  # "soon" still gets its one prediction: the default
     (soon,) = producer.on(topics.PREDICTIONS, "Prediction")
     assert soon["query_id"] == "soon" and soon["default"]
+
+
+def test_rows_of_every_partition_share_one_batch() -> None:
+    pipe, producer = make_pipeline()
+    pipe.dispatch.inflight["m1"] = 1  # busy: rows wait for a full batch
+    now = now_us()
+    pipe.on_queries([query(f"q{p}", partition=p, deadline_ms=LONG) for p in range(4)], now)
+    pipe.tick(now)
+    (batch,) = producer.on(topics.model_requests("m1"), "ModelBatch")
+    assert batch["query_ids"] == ["q0", "q1", "q2", "q3"]
+    answer_batches(pipe, producer)
+    preds = producer.where(topics.PREDICTIONS)
+    assert sorted(kw["partition"] for kw in preds) == [0, 1, 2, 3]
+
+
+def test_a_refused_prediction_is_retried_then_dead_lettered_and_its_offset_moves_on() -> None:
+    pipe, producer = make_pipeline()
+    producer.fail[topics.PREDICTIONS] = FakeError(10)  # MESSAGE_TOO_LARGE: for good
+    pipe.on_queries([query("q", deadline_ms=LONG)], now_us())
+    pipe.tick(now_us())
+    answer_batches(pipe, producer)
+    producer.poll()
+    assert len(producer.on(topics.PREDICTIONS, "Prediction")) == 2  # tried, and once more
+    (letter,) = producer.on(topics.DEADLETTER, "DeadLetter")
+    assert (
+        letter["query_id"] == "q" and "not delivered to clipstream.predictions" in letter["reason"]
+    )
+    assert codec.decode("Prediction", letter["value"])["query_id"] == "q"
+    assert committed(pipe) == {0: 1}  # the partition moves on
+
+
+def test_a_prediction_that_timed_out_is_produced_again_until_delivered() -> None:
+    pipe, producer = make_pipeline()
+    producer.fail[topics.PREDICTIONS] = FakeError(-192, retriable=True)  # _MSG_TIMED_OUT
+    pipe.on_queries([query("q", deadline_ms=LONG)], now_us())
+    pipe.tick(now_us())
+    answer_batches(pipe, producer)
+    for _ in range(3):
+        callbacks = producer._callbacks
+        producer._callbacks = []
+        for topic, cb in callbacks:
+            cb(producer.fail.get(topic), None)
+    assert committed(pipe) == {}  # never given up: the broker may come back
+    del producer.fail[topics.PREDICTIONS]
+    producer.poll()
+    assert committed(pipe) == {0: 1}
+    assert not producer.on(topics.DEADLETTER, "DeadLetter")
+    assert {p["query_id"] for p in producer.on(topics.PREDICTIONS, "Prediction")} == {"q"}
+
+
+def test_feedback_becomes_an_observation_on_its_keys_partition() -> None:
+    pipe, producer = make_pipeline(
+        make_registry("EXP4", ("m1", "m2"), personalised=True), partitions=4
+    )
+    now = now_us()
+    pipe.on_queries([query("q", user="ann", deadline_ms=LONG)], now)
+    pipe.tick(now)
+    answer_batches(pipe, producer)
+    pipe.on_feedback([feedback("q", label="0", partition=2, offset=9)], now_us())
+    (obs,) = producer.on(topics.OBSERVATIONS, "Observation")
+    assert (obs["key"], obs["user"], obs["label"]) == ("app|ann", "ann", "0")
+    assert (obs["feedback_partition"], obs["feedback_offset"]) == (2, 9)
+    assert {a["model"]: (a["label"], a["prob"]) for a in obs["answers"]} == {
+        "m1": ("1", pytest.approx(0.5)),
+        "m2": ("1", pytest.approx(0.5)),
+    }
+    (where,) = producer.where(topics.OBSERVATIONS)
+    assert where["partition"] == topics.partition_for("app|ann", 4)
+    producer.poll()
+    assert committed(pipe, topics.FEEDBACK) == {2: 10}
+
+
+def test_feedback_without_its_answers_is_dead_lettered_and_single_model_apps_ignore_it() -> None:
+    pipe, producer = make_pipeline(make_registry("EXP4", ("m1", "m2")))
+    pipe.on_feedback([feedback("never-seen")], now_us())
+    (letter,) = producer.on(topics.DEADLETTER, "DeadLetter")
+    assert "unknown or expired query" in letter["reason"] and letter["stage"] == "feedback"
+    single, producer = make_pipeline()
+    single.on_queries([query("asked", deadline_ms=LONG)], now_us())
+    single.tick(now_us())
+    answer_batches(single, producer)
+    producer.sent.clear()
+    single.on_feedback([feedback("asked", offset=4), feedback("never", offset=5)], now_us())
+    (letter,) = producer.on(topics.DEADLETTER, "DeadLetter")  # only for the unknown one
+    assert letter["query_id"] == "never" and "unknown or expired query" in letter["reason"]
+    producer.poll()
+    assert committed(single, topics.FEEDBACK) == {0: 6}
+
+
+def test_frozen_partitions_hold_their_predictions_until_thawed_or_dropped() -> None:
+    pipe, producer = make_pipeline()
+    start = now_us()
+    pipe.on_queries(
+        [query("kept", partition=0, sent=start), query("moved", partition=1, sent=start)], start
+    )
+    pipe.freeze({0, 1})
+    pipe.tick(start + 60_000)  # both deadlines pass during the rebalance
+    assert not producer.on(topics.PREDICTIONS, "Prediction")
+    assert pipe.drop({1}) == 1  # given to another worker: never answered here
+    pipe.thaw({0}, start + 61_000)
+    assert [p["query_id"] for p in producer.on(topics.PREDICTIONS, "Prediction")] == ["kept"]
+    answer_batches(pipe, producer)
+    assert len(producer.on(topics.PREDICTIONS, "Prediction")) == 1
+
+
+def test_the_deadline_heap_stays_bounded_however_long_the_deadlines() -> None:
+    pipe, producer = make_pipeline(cache_size=0)
+    now = now_us()
+    for round_ in range(20):
+        pipe.on_queries(
+            [
+                query(f"q{round_}-{i}", [1.0, 2.0, float(i)], deadline_ms=600_000)
+                for i in range(100)
+            ],
+            now,
+        )
+        while take_batches(producer):
+            pass
+        pipe.dispatch.inflight.clear()
+        pipe.dispatch.batches.clear()
+        for p in pipe.pending.values():  # answered long before their deadline
+            pipe.pending.pop(p.query_id)
+    assert len(pipe.pending) == 0
+    assert pipe.pending.heap_size() <= 1024 + 100

@@ -1,17 +1,20 @@
-"""The worker's query intake: Faust's consumer with a bulk path for the queries topic.
+"""Faust's consumer with a bulk path: the one override of Faust's private consumer loop.
 
 Faust hands every message to its streams one at a time, through a task per message
 (``wait_first`` in the consumer's drain loop, then the conductor and the stream): about
-80 us to 1 ms per message on this project's machines, which capped the worker at about a
-thousand queries a second while it sat mostly idle. The pipeline works on chunks anyway,
-so for the topics given a bulk handler this consumer hands each fetched batch over in one
-call instead.
+80 us per message on this project's machines, more than folding an observation into a
+selection state costs. For the topics given a bulk handler this consumer hands each
+fetched batch over in one call instead (streams.learning folds it and writes each
+touched key once).
 
 Everything else stays Faust's: the group membership and co-partitioned assignment, the
 tables and their changelogs, and offset commits. A bulk message is tracked as unacked
-exactly as a stream would track it, and is acknowledged (``Message.ack``) only when the
-pipeline has delivered its prediction, so commits, rebalances (which wait for unacked
-messages) and recovery behave as for any Faust stream.
+exactly as a stream would track it and acknowledged (``Message.ack``) by the handler, so
+commits (which flush Faust's producer, the table's changelog writes, first), rebalances
+and recovery behave as for any Faust stream.
+
+The loop below follows faust-streaming's ``Consumer._drain_messages``; ``install``
+refuses a faust-streaming release it was not written against.
 """
 
 from __future__ import annotations
@@ -20,10 +23,18 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
 
 BulkHandler = Callable[[list[Message]], None]
+
+#: faust-streaming releases whose consumer loop this override was written against
+SUPPORTED = ("0.15.",)
+
+
+class UnsupportedFaust(RuntimeError):
+    """The installed faust-streaming is not one this override was written for."""
 
 
 class BulkConsumer(faust_aiokafka.Consumer):
@@ -84,8 +95,19 @@ class BulkConsumer(faust_aiokafka.Consumer):
         return True
 
 
+def check_version(version: str = faust.__version__) -> None:
+    if not version.startswith(SUPPORTED):
+        raise UnsupportedFaust(
+            f"streams.faust_bulk overrides faust-streaming's private consumer loop and was "
+            f"written for {', '.join(v + 'x' for v in SUPPORTED)}; this is {version}: check "
+            "Consumer._drain_messages and update the override (or set "
+            "CLIPSTREAM_BULK_LEARN=0 to use Faust's own streams)"
+        )
+
+
 def install(app: Any, handlers: dict[str, BulkHandler]) -> None:
     """Make ``app`` build its consumer as a BulkConsumer with these handlers."""
+    check_version()
 
     class AppBulkConsumer(BulkConsumer):
         bulk_handlers = handlers

@@ -1,0 +1,337 @@
+"""``clipstream bench --suite ensemble|objective``: a realistic app under load.
+
+The app: Exp4 over three digits models (logistic regression, random forest, SVC),
+personalised over ``users`` users (each query names one), served by ``workers`` workers
+and one replica per model, cache off. Both suites sweep the offered rate with the
+comparison's refined sweep and report, per rate, p50/p99, the share of full ensembles
+(every model answered), default outputs, the latest answer past its deadline, and what
+it cost per process.
+
+- ``ensemble``: deadline ``plan.deadline_ms`` (1 s unless told), objective p99 <=
+  ``slo_ms``; with ``plan.feedback`` every answer is followed by one feedback record.
+  Then feedback as a throughput of its own, at ``plan.light_rate``: phase A queries only,
+  phase B the same queries plus one feedback record each (the workers' CPU difference
+  per feedback record), and a burst of feedback for A's queries (records applied per
+  second, and the workers' CPU per record).
+- ``objective``: Clipper's set-up, a 20 ms deadline on the app (``plan.deadline_ms``),
+  the sweep alone.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
+from rich.table import Table
+
+from models import registry
+from models.training import digits_split, train_digits_models
+from streams import topics
+from streams.bench.compare import Plan, Progress, sweep
+from streams.bench.loadgen import LoadResult, produce, run_load, wait_ready
+from streams.bench.meter import SYSTEM, DeadLetters, PhaseMeter, Watched, shared_processes
+from streams.bench.systems import avro_protocol, spawn_clipstream, wait_for_workers
+from streams.config import Settings
+
+MODELS = ("digits-logreg", "digits-forest", "digits-svc")
+#: deployed under names of the bench's own, so a cluster's own deployments stay untouched
+DEPLOYED = {m: f"bench-{m}" for m in MODELS}
+SUITES = ("ensemble", "objective")
+#: the deadline each suite's app has unless the command line gives one
+DEADLINES_MS = {"ensemble": 1000, "objective": 20}
+
+
+def run_ensemble(
+    settings: Settings,
+    workdir: Path,
+    suite: str,
+    plan: Plan,
+    progress: Progress,
+) -> dict[str, Any]:
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; one of {', '.join(SUITES)}")
+    trained = train_digits_models(workdir / "models", names=list(MODELS))
+    _, X, _, y = digits_split()
+    X = np.ascontiguousarray(X, dtype=float)
+    topics.ensure_topics(
+        AdminClient(settings.kafka()), topics.TopicPlan(settings.partitions).core()
+    )
+    for name, deployed in DEPLOYED.items():
+        registry.deploy_model(settings, deployed, str(trained[name][0]), input_dim=X.shape[1])
+    app = f"bench-{suite}-{uuid.uuid4().hex[:8]}"
+    registry.register_app(
+        settings,
+        app,
+        list(DEPLOYED.values()),
+        policy="EXP4",
+        deadline_ms=plan.deadline_ms,
+        personalised=True,
+        input_dim=X.shape[1],
+        cache=False,
+    )
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": settings.require_bootstrap(),
+        "CLIPSTREAM_PARTITIONS": str(settings.partitions),
+    }
+    children, urls = spawn_clipstream(
+        workdir / "logs", env, plan.workers, dict.fromkeys(DEPLOYED.values(), 1)
+    )
+    try:
+        wait_for_workers(settings, plan.workers)
+        protocol = avro_protocol(
+            topics.QUERIES, topics.PREDICTIONS, app, users=plan.users, labels=y
+        )
+        ready_s = wait_ready(settings, protocol, X)
+        watched = [Watched(c.name, SYSTEM, c.pid, metrics_url=urls.get(c.name)) for c in children]
+        meter = PhaseMeter(watched + shared_processes(settings))
+        if plan.warm_broker_s > 0:
+            run_load(
+                settings,
+                suite,
+                protocol,
+                X,
+                rate=plan.light_rate,
+                duration_s=plan.warm_broker_s,
+                warmup_s=0.0,
+                deadline_ms=plan.deadline_ms,
+                progress=lambda s, g: progress("warm-up (not counted)", -1, s, g),
+            )
+        dead = DeadLetters(settings)
+        try:
+            points, best, failed = sweep(
+                settings, suite, protocol, X, plan, progress, meter, feedback=plan.feedback
+            )
+            figures: dict[str, Any] = {
+                "suite": suite,
+                "app": {
+                    "models": list(MODELS),
+                    "policy": "EXP4",
+                    "personalised_users": plan.users,
+                    "deadline_ms": plan.deadline_ms,
+                    "workers": plan.workers,
+                    "replicas_per_model": 1,
+                },
+                "ready_s": round(ready_s, 2),
+                "slo_ms": plan.slo_ms,
+                "sweep": points,
+                "max_rate_under_slo": best,
+                "first_failed_rate": failed,
+                "sweep_dead_letters": dead.count(),
+            }
+            if suite == "ensemble":
+                figures["feedback"] = feedback_phases(
+                    settings, protocol, X, plan, meter, dead, progress
+                )
+        finally:
+            dead.close()
+    finally:
+        for child in children:
+            child.stop()
+    figures["cpus"] = os.cpu_count()
+    figures["plan"] = plan.__dict__
+    return figures
+
+
+def feedback_phases(
+    settings: Settings,
+    protocol: Any,
+    X: np.ndarray,
+    plan: Plan,
+    meter: PhaseMeter,
+    dead: DeadLetters,
+    progress: Progress,
+) -> dict[str, Any]:
+    """Feedback side by side with queries in one run: A queries, B queries + feedback,
+    then a burst of feedback alone for A's answered queries."""
+
+    def phase(feedback: bool) -> LoadResult:
+        label = "B queries + feedback" if feedback else "A queries only"
+        return run_load(
+            settings,
+            f"feedback {label}",
+            protocol,
+            X,
+            rate=plan.light_rate,
+            duration_s=plan.duration_s,
+            warmup_s=plan.warmup_s,
+            arrivals=plan.arrivals,
+            deadline_ms=plan.deadline_ms,
+            progress=lambda s, g: progress(f"feedback {label}", -1, s, g),
+            feedback=feedback,
+            meter=meter,
+        )
+
+    a = phase(False)
+    dead_a = dead.count()
+    b = phase(True)
+    dead_b = dead.count()
+    burst = feedback_burst(settings, protocol, a.answered_rows, meter)
+    dead_burst = dead.count()
+    out = {
+        "rate": plan.light_rate,
+        "queries_only": a,
+        "with_feedback": b,
+        "burst": burst,
+        "dead_letters": {"queries_only": dead_a, "with_feedback": dead_b, "burst": dead_burst},
+    }
+    out["cpu_us_per_feedback"] = cpu_per_feedback(a.cost, b.cost)
+    return out
+
+
+def workers_cpu_s(cost: dict[str, Any]) -> float:
+    return sum(cost["processes"][n]["cpu_s"] for n in cost.get("workers", {}))
+
+
+def cpu_per_feedback(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """The workers' extra CPU per applied feedback record: B's workers CPU less what A's
+    per query would have cost for B's queries, over B's applied records."""
+    applied = b.get("feedback", {}).get("applied", 0)
+    if not applied or not a.get("answered") or not b.get("answered"):
+        return None
+    expected = workers_cpu_s(a) / a["answered"] * b["answered"]
+    return (workers_cpu_s(b) - expected) * 1e6 / applied
+
+
+def feedback_burst(
+    settings: Settings, protocol: Any, answered_rows: dict[str, int], meter: PhaseMeter
+) -> dict[str, Any]:
+    """One feedback record for every answered query, sent at once; the workers' rate of
+    applying them (state updated and changelogged) and their CPU per record."""
+    assert protocol.feedback is not None
+    producer = Producer(settings.kafka(**{"linger.ms": 5, "enable.idempotence": True}))
+    before = meter.start()
+    for qid, row in answered_rows.items():
+        produce(producer, *protocol.feedback(qid, row))
+    producer.flush(30)
+    cost = meter.stop(before, 0, len(answered_rows), settle_s=60.0)
+    fb = cost.get("feedback", {})
+    applied = fb.get("applied", 0)
+    return {
+        "sent": len(answered_rows),
+        "cost": cost,
+        "applied_per_s": fb.get("applied_per_s"),
+        "workers_cpu_us_per_record": workers_cpu_s(cost) * 1e6 / applied if applied else None,
+    }
+
+
+def summary_line(figures: dict[str, Any]) -> str:
+    """``bench: suite=... key=value ...`` for the ensemble and objective suites."""
+    points: list[LoadResult] = figures["sweep"]
+    best = figures["max_rate_under_slo"]
+    at = next((p for p in points if p.rate == best), None)
+
+    def fmt(v: float | None, digits: int = 2) -> str:
+        return "na" if v is None else f"{v:.{digits}f}"
+
+    parts = {
+        "suite": figures["suite"],
+        "workers": str(figures["app"]["workers"]),
+        "deadline_ms": str(figures["app"]["deadline_ms"]),
+        "max_rate_under_slo": fmt(best, 0),
+        "p99_ms_at_max": fmt(at.p99_ms if at else None),
+        "full_share_at_max": fmt(at.full_ensembles / at.received if at and at.received else None),
+        "defaults_at_max": str(at.defaults) if at else "na",
+        "max_late_worker_ms_at_max": fmt(at.max_late_worker_ms if at else None),
+        "system_cpu_us_per_query_at_max": fmt(
+            at.cost.get("cpu_us_per_query", {}).get("system") if at else None, 0
+        ),
+    }
+    fb = figures.get("feedback")
+    if fb is not None:
+        parts["feedback_applied_per_s"] = fmt(fb["burst"]["applied_per_s"], 0)
+        parts["cpu_us_per_feedback"] = fmt(fb["cpu_us_per_feedback"], 0)
+    return "bench: " + " ".join(f"{k}={v}" for k, v in parts.items())
+
+
+def _share(n: int, of: int) -> str:
+    return f"{n / of:.2f}" if of else "na"
+
+
+def sweep_table(figures: dict[str, Any]) -> Table:
+    """One row per offered rate: latency, completeness, lateness, cost, workers' shares."""
+    t = Table(
+        "offered q/s",
+        "answered q/s",
+        "p50 ms",
+        "p99 ms",
+        "full ensembles",
+        "defaults",
+        "lost",
+        "max late client ms",
+        "max late worker ms",
+        "system CPU us/q",
+        "worker shares",
+        "feedback sent/applied/refused/lost",
+        title=f"{figures['suite']}: Exp4 over {', '.join(figures['app']['models'])}, "
+        f"{figures['app']['personalised_users']} users, {figures['app']['workers']} workers, "
+        f"deadline {figures['app']['deadline_ms']} ms, objective p99 <= {figures['slo_ms']} ms",
+    )
+    for r in figures["sweep"]:
+        cost = r.cost
+        shares = "/".join(
+            "na" if w["share"] is None else f"{w['share']:.2f}"
+            for w in cost.get("workers", {}).values()
+        )
+        fb = cost.get("feedback")
+        t.add_row(
+            f"{r.rate:.0f}",
+            f"{r.throughput_qps:.0f}",
+            f"{r.p50_ms:.1f}",
+            f"{r.p99_ms:.1f}",
+            _share(r.full_ensembles, r.received),
+            str(r.defaults),
+            str(r.lost),
+            "na" if r.max_late_client_ms is None else f"{r.max_late_client_ms:.1f}",
+            "na" if r.max_late_worker_ms is None else f"{r.max_late_worker_ms:.1f}",
+            "na"
+            if cost.get("cpu_us_per_query", {}).get("system") is None
+            else f"{cost['cpu_us_per_query']['system']:.0f}",
+            shares or "-",
+            "-"
+            if fb is None
+            else f"{fb['sent']}/{fb['applied']}/{fb['rejected'] + fb['invalid']}/{fb['lost']}",
+        )
+    return t
+
+
+def feedback_table(figures: dict[str, Any]) -> Table:
+    """Feedback as a throughput of its own, next to the queries it follows."""
+    fb = figures["feedback"]
+    extra = fb["cpu_us_per_feedback"]
+    t = Table(
+        "phase",
+        "queries answered",
+        "feedback sent",
+        "applied",
+        "applied/s",
+        "workers CPU s",
+        "workers CPU us/q",
+        "feedback dead letters",
+        title=f"feedback at {fb['rate']:.0f} q/s; extra workers CPU per feedback record: "
+        + ("na" if extra is None else f"{extra:.0f} us"),
+    )
+    phases = (
+        ("A queries only", fb["queries_only"].cost, fb["dead_letters"]["queries_only"]),
+        ("B queries + feedback", fb["with_feedback"].cost, fb["dead_letters"]["with_feedback"]),
+        ("feedback burst", fb["burst"]["cost"], fb["dead_letters"]["burst"]),
+    )
+    for name, cost, dead in phases:
+        f = cost.get("feedback", {})
+        cpu = workers_cpu_s(cost)
+        answered = cost["answered"]
+        t.add_row(
+            name,
+            str(answered),
+            str(f.get("sent", 0)),
+            str(f.get("applied", 0)),
+            f"{f.get('applied_per_s', 0.0):.0f}",
+            f"{cpu:.2f}",
+            f"{cpu * 1e6 / answered:.0f}" if answered else "-",
+            str(dead.get("feedback", 0)),
+        )
+    return t

@@ -1,0 +1,155 @@
+"""Records out of the worker, each tied to the input message it finishes.
+
+A prediction, an observation or a dead letter is produced with the input message it
+completes (topic, partition, offset); that message is marked done in ``Offsets`` only
+when Kafka has the record, so the offset committed never passes an input whose result
+could still be lost. A produce Kafka refuses for good (a record too large for the topic,
+no permission) is retried once, then dead-lettered with the reason, and the input counts
+as done: one bad record must not stop its partition. A produce that only timed out (the
+broker unreachable) is retried until it is delivered: moving on would lose it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from confluent_kafka import KafkaError
+
+from streams import codec, topics
+from streams.offsets import Offsets
+from streams.sensors import Sensor
+
+log = logging.getLogger("clipstream.emit")
+
+Source = tuple[str, int, int]  # topic, partition, offset
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass(slots=True)
+class Outgoing:
+    topic: str
+    value: bytes
+    key: bytes | None
+    partition: int
+    source: Source | None
+    attempts: int = 0
+
+
+class Emitter:
+    def __init__(self, producer: Any, offsets: Offsets, sensor: Sensor) -> None:
+        self.producer = producer
+        self.offsets = offsets
+        self.sensor = sensor
+        self.counts = {"predictions": 0, "dead_letters": 0, "observations": 0, "redelivered": 0}
+        #: called with a record that could not be delivered (tests, the worker's log)
+        self.on_undeliverable: Callable[[Outgoing, str], None] | None = None
+
+    def prediction(self, record: dict[str, Any], partition: int, source: Source | None) -> None:
+        # A prediction goes to its query's partition number: streams.dedup rebuilds the
+        # answered ids of a query partition from the same predictions partition. Its key is
+        # the query id, so a reader waiting for some ids need not decode the others.
+        value = codec.encode("Prediction", record)
+        self.counts["predictions"] += 1
+        self._produce(
+            Outgoing(topics.PREDICTIONS, value, record["query_id"].encode(), partition, source)
+        )
+
+    def observation(
+        self, key: str, record: dict[str, Any], partitions: int, source: Source | None
+    ) -> None:
+        # to the one partition whose owner writes that key's state (streams.learning)
+        value = codec.encode("Observation", record)
+        self.counts["observations"] += 1
+        partition = topics.partition_for(key, partitions)
+        self._produce(Outgoing(topics.OBSERVATIONS, value, key.encode(), partition, source))
+
+    def dead_letter(
+        self,
+        source_topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        reason: str,
+        stage: str,
+        query_id: str | None = None,
+        done: Source | None = None,
+    ) -> None:
+        """Record bad input with its original bytes; ``done`` is marked once it is safe."""
+        self.counts["dead_letters"] += 1
+        self.sensor.on_dead_letter(stage)
+        record = {
+            "source_topic": source_topic,
+            "partition": partition,
+            "offset": offset,
+            "key": key,
+            "value": value,
+            "reason": reason,
+            "stage": stage,
+            "query_id": query_id,
+            "at_us": now_us(),
+        }
+        out = Outgoing(topics.DEADLETTER, codec.encode("DeadLetter", record), key, -1, done)
+        self._produce(out)
+
+    def _produce(self, out: Outgoing) -> None:
+        out.attempts += 1
+        where = {"partition": out.partition} if out.partition >= 0 else {}
+        while True:
+            try:
+                self.producer.produce(
+                    out.topic,
+                    out.value,
+                    out.key,
+                    on_delivery=partial(self._delivered, out),
+                    **where,
+                )
+                return
+            except BufferError:
+                self.producer.poll(0.01)  # local queue full: let deliveries drain
+            except Exception as exc:  # refused before it left: too large, unknown topic
+                self._failed(out, str(exc), permanent=True)
+                return
+
+    def _delivered(self, out: Outgoing, err: Any, _msg: Any) -> None:
+        if err is None:
+            if out.source is not None:
+                self.offsets.done(*out.source)
+            return
+        timed_out = err.code() == KafkaError._MSG_TIMED_OUT or err.retriable()
+        self._failed(out, str(err), permanent=not timed_out)
+
+    def _failed(self, out: Outgoing, reason: str, permanent: bool) -> None:
+        if not permanent or out.attempts < 2:
+            self.counts["redelivered"] += 1
+            self.sensor.on_delivery_failed(out.topic, retried=True)
+            log.warning("%s record not delivered (%s): producing it again", out.topic, reason)
+            self._produce(out)
+            return
+        self.sensor.on_delivery_failed(out.topic, retried=False)
+        log.error("%s record not delivered after %d attempts: %s", out.topic, out.attempts, reason)
+        if self.on_undeliverable is not None:
+            self.on_undeliverable(out, reason)
+        if out.topic == topics.DEADLETTER:
+            # nowhere left to put it: say so, and let the partition move on
+            if out.source is not None:
+                self.offsets.done(*out.source)
+            return
+        self.dead_letter(
+            out.topic,
+            out.partition,
+            -1,
+            out.key,
+            out.value,
+            f"not delivered to {out.topic}: {reason}",
+            "emit",
+            query_id=out.key.decode() if out.topic == topics.PREDICTIONS and out.key else None,
+            done=out.source,
+        )

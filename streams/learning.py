@@ -1,0 +1,168 @@
+"""Learning from feedback, with one writer per selection key.
+
+Feedback reaches the worker that answered its query (the query's partition: the SDK keys
+a query and its feedback by the query id). That worker joins the feedback with the query's
+answers from its answer memory into an ``Observation`` keyed by the selection key
+(streams.pipeline). All observations of one key land on one partition of
+clipstream.observations; the worker Faust assigns that partition is the key's one writer:
+it folds them into the key's state in log order and writes the state to the selection
+table, whose changelog partition is the same (the table uses the same partitioner).
+``clipstream replay`` folds the same log with the same ``fold``, so the live state and
+the replayed one are equal bit for bit.
+
+Applying an observation twice is harmless: each state remembers the last feedback offset
+it applied per feedback partition, and a worker re-reading feedback after a crash makes
+the same observations again in the same order."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from typing import Any
+
+from models.registry import Registry
+from selection import SelectionState
+from streams import codec
+from streams.sensors import UNKNOWN, Sensor
+
+log = logging.getLogger("clipstream.learning")
+
+#: (key, value, partition, offset) of one clipstream.observations record
+Record = tuple[bytes | None, bytes | None, int, int]
+
+
+def fold(state: SelectionState, observation: Mapping[str, Any]) -> bool:
+    """Apply one observation to ``state``; False if it was applied before."""
+    partition, offset = observation["feedback_partition"], observation["feedback_offset"]
+    if not state.should_apply(partition, offset):
+        return False
+    answers = observation["answers"]
+    state.learn(
+        {a["model"]: a["label"] for a in answers},
+        observation["label"],
+        {a["model"]: a["prob"] for a in answers},
+        reward=observation["reward"],
+    )
+    state.mark_applied(partition, offset)
+    return True
+
+
+class Learner:
+    """The writer of the selection keys on this worker's observation partitions, into a
+    table keyed by each selection key's UTF-8 bytes (values: ``SelectionState.to_state()``)."""
+
+    def __init__(
+        self,
+        table: MutableMapping[bytes, Any],
+        registry: Registry,
+        sensor: Sensor | None = None,
+        dead_letter: Callable[[Record, str], None] | None = None,
+        recent: int = 10_000,
+    ) -> None:
+        self.table = table
+        self.registry = registry
+        self.sensor = sensor or Sensor()
+        self.dead_letter = dead_letter or (lambda record, reason: log.error("%s", reason))
+        #: decoded states of the keys written here (the table holds them serialised)
+        self.states: dict[str, SelectionState] = {}
+        # recent observations per partition: what a replayed snapshot is brought up to date
+        # with (those that arrived while the replay ran)
+        self.recent: dict[int, deque[tuple[int, str, dict[str, Any]]]] = {}
+        self.recent_size = recent
+        self.counts = {"applied": 0, "replayed": 0, "snapshot": 0, "invalid": 0}
+
+    def forget(self) -> None:
+        """Partitions moved: states are read from the table again when next needed."""
+        self.states.clear()
+        self.recent.clear()
+
+    def apply(self, records: Iterable[Record]) -> None:
+        """Fold a chunk of observations (in log order) and write each touched key once."""
+        touched: dict[str, SelectionState] = {}
+        applied: dict[str, int] = {}
+        for record in records:
+            key_bytes, value, partition, offset = record
+            kind = codec.kind_of(value, ("Observation", "SelectionSnapshot"))
+            if kind is None or key_bytes is None:
+                self.counts["invalid"] += 1
+                self.dead_letter(record, "not an Observation or SelectionSnapshot record")
+                continue
+            key = key_bytes.decode("utf-8", "replace")
+            try:
+                decoded = codec.decode(kind, value)
+            except codec.DecodeError as exc:
+                self.counts["invalid"] += 1
+                self.dead_letter(record, str(exc))
+                continue
+            app = self.registry.app(decoded["app"])
+            if app is None:
+                self.counts["invalid"] += 1
+                self.dead_letter(record, f"observation for unknown app {decoded['app']!r}")
+                continue
+            if kind == "SelectionSnapshot":
+                try:
+                    state = self._install(key, decoded, partition, offset)
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    self.counts["invalid"] += 1
+                    self.dead_letter(record, f"invalid selection snapshot: {exc!r}")
+                    continue
+                self.sensor.on_feedback(decoded["app"], "snapshot")
+                self.counts["snapshot"] += 1
+            else:
+                state = self._state(key, app)
+                if not fold(state, decoded):
+                    self.counts["replayed"] += 1
+                    self.sensor.on_feedback(decoded["app"], "replayed")
+                    continue
+                self._remember(partition, offset, key, decoded)
+                self.counts["applied"] += 1
+                applied[decoded["app"]] = applied.get(decoded["app"], 0) + 1
+            touched[key] = state
+        for key, state in touched.items():
+            self.table[key.encode()] = state.to_state()
+            app_name = key.split("|", 1)[0]
+            if key == app_name and self.registry.app(app_name) is not None:
+                self.sensor.on_weights(app_name, state.weights())
+        for app_name, n in applied.items():
+            label = app_name if self.registry.app(app_name) is not None else UNKNOWN
+            self.sensor.on_feedback(label, "applied", n)
+
+    def _state(self, key: str, app: Mapping[str, Any]) -> SelectionState:
+        state = self.states.get(key)
+        if state is None:
+            stored = self.table.get(key.encode())
+            state = SelectionState.from_state(stored) if stored else None
+        state = self.states[key] = SelectionState.following(state, app)
+        return state
+
+    def _remember(self, partition: int, offset: int, key: str, obs: dict[str, Any]) -> None:
+        log_ = self.recent.get(partition)
+        if log_ is None:
+            log_ = self.recent[partition] = deque(maxlen=self.recent_size)
+        log_.append((offset, key, obs))
+
+    def _install(
+        self, key: str, snapshot: Mapping[str, Any], partition: int, offset: int
+    ) -> SelectionState:
+        """A replayed state replaces the key's, brought up to date with the observations
+        that arrived after those the replay read."""
+        state = SelectionState.from_state(json.loads(snapshot["state"]))
+        since = snapshot["observed_offset"]
+        recent = self.recent.get(partition, ())
+        if recent and since >= 0 and recent[0][0] > since + 1:
+            log.warning(
+                "snapshot of %r: observations %d-%d are older than the %d kept; they are "
+                "not re-applied",
+                key,
+                since + 1,
+                recent[0][0] - 1,
+                len(recent),
+            )
+        if since >= 0:  # -1: a state from elsewhere (a file), nothing to bring it up to
+            for at, k, obs in recent:
+                if k == key and since < at < offset:
+                    fold(state, obs)
+        self.states[key] = state
+        return state

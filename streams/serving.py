@@ -1,0 +1,345 @@
+"""The serving loop: one thread that owns the worker's query path.
+
+Its consumer is a member of the serving group (``clipstream-serving``) subscribed to the
+queries, responses and feedback topics with the range assignor, which gives a member the
+same partition numbers of all three: a query, its model answers and its feedback meet in
+one worker. librdkafka keeps the membership from its own threads, so a busy Python loop
+never misses a heartbeat, and a crashed worker's partitions move after the session
+timeout (seconds). The thread blocks in ``poll`` until a message arrives or the next
+deadline or batch window is due, runs the pipeline, and commits, in this one place, the
+offsets whose results Kafka already has (streams.offsets).
+
+Rebalances (eager, as the range assignor is): revoked partitions are frozen, the producer
+is flushed and their offsets committed; on assignment, partitions kept go on from where
+this worker was, partitions given up are dropped (their next owner reads their
+unanswered queries again), and new ones are served once the predictions already made for
+them are read back (streams.dedup), so no query is answered twice."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+
+from models.registry import Registry
+from streams import dedup, topics
+from streams.config import Settings
+from streams.kafka_util import consume_ready
+from streams.pipeline import Pipeline, now_us
+from streams.sensors import Sensor
+from streams.state_view import ChangelogTail, StateView
+
+log = logging.getLogger("clipstream.serving")
+
+SERVED = (topics.QUERIES, topics.RESPONSES, topics.FEEDBACK)
+COMMIT_INTERVAL_S = 0.1
+#: longest wait in poll when nothing is due (keeps shutdown and idle checks prompt)
+IDLE_POLL_S = 0.1
+#: a clean stop waits this long at most for pending queries to be answered
+DRAIN_S = 2.0
+
+
+class ServingLoop:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        sensor: Sensor | None = None,
+        *,
+        group: str = topics.SERVING_GROUP,
+        client_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.sensor = sensor or Sensor()
+        self.group = group
+        self.client_id = client_id or f"clipstream-worker-{uuid.uuid4().hex[:8]}"
+        self.producer = Producer(
+            settings.kafka(
+                **{
+                    "linger.ms": 1,
+                    "enable.idempotence": True,
+                    "partitioner": "murmur2_random",
+                    "client.id": self.client_id,
+                }
+            )
+        )
+        self.view = StateView(sensor=self.sensor)
+        self.tail = ChangelogTail(settings, self.view)
+        self.pipeline = Pipeline(settings, registry, self.producer, self.view, sensor=self.sensor)
+        self.session_timeout_ms = settings.session_timeout_ms
+        self.consumer: Consumer | None = None
+        self.stopping = threading.Event()
+        self.ready = threading.Event()  # assigned and serving at least once
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="serving", daemon=True)
+        #: query partitions assigned and restored
+        self.serving: set[int] = set()
+        #: query partitions assigned, waiting for their restore
+        self.restoring: set[int] = set()
+        self._epoch = 0
+        self._restores: queue.SimpleQueue[tuple[int, str, set[int], list[Any]]] = (
+            queue.SimpleQueue()
+        )
+        self._next_commit = 0.0
+        self.error: BaseException | None = None
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.stopping.set()
+        self.thread.join(timeout)
+
+    def _consumer(self) -> Consumer:
+        return Consumer(
+            self.settings.kafka(
+                **{
+                    "group.id": self.group,
+                    "client.id": self.client_id,
+                    "partition.assignment.strategy": "range",
+                    "enable.auto.commit": False,
+                    "auto.offset.reset": "earliest",
+                    "session.timeout.ms": self.session_timeout_ms,
+                    "heartbeat.interval.ms": max(100, self.session_timeout_ms // 4),
+                    "fetch.wait.max.ms": 5,
+                    "enable.partition.eof": False,
+                    "on_commit": self._on_commit,
+                }
+            )
+        )
+
+    def _run(self) -> None:
+        try:
+            read = self.tail.catch_up()
+            log.info("selection states read: %d records, %d keys", read, len(self.view))
+            self.consumer = self._consumer()
+            self._subscribe()
+            self._loop()
+        except BaseException as exc:  # the worker process reports it and exits
+            self.error = exc
+            log.exception("serving loop failed")
+        finally:
+            self.stopped.set()
+
+    def _subscribe(self) -> None:
+        assert self.consumer is not None
+        self.consumer.subscribe(
+            list(SERVED),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+
+    def _loop(self) -> None:
+        consumer, pipeline = self.consumer, self.pipeline
+        assert consumer is not None
+        wake: int | None = None
+        while not self.stopping.is_set():
+            now = now_us()
+            timeout = IDLE_POLL_S if wake is None else min(IDLE_POLL_S, max(0, wake - now) / 1e6)
+            messages = consume_ready(consumer, 2000, timeout)
+            if messages:
+                self._handle(messages)
+            self.tail.drain()
+            self._apply_restores()
+            wake = pipeline.tick(now_us())
+            self.producer.poll(0)
+            self._maybe_commit()
+        self._drain_and_close()
+
+    def _handle(self, messages: list[Any]) -> None:
+        queries, results, feedback = [], [], []
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                self._on_error(err)
+                continue
+            topic = msg.topic()
+            if topic == topics.QUERIES:
+                queries.append(msg)
+            elif topic == topics.RESPONSES:
+                results.append(msg)
+            else:
+                feedback.append(msg)
+        now = now_us()
+        if results:
+            self.pipeline.on_results(results, now)
+        if queries:
+            self.pipeline.on_queries(queries, now)
+        if feedback:
+            self.pipeline.on_feedback(feedback, now)
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError.INVALID_SESSION_TIMEOUT and self.session_timeout_ms < 6000:
+            # the broker's group.min.session.timeout.ms is above ours: serve with the
+            # broker default rather than not at all
+            log.warning(
+                "the broker refuses a %d ms session timeout (its group.min.session.timeout.ms "
+                "is higher): using 6000 ms; a crashed worker's partitions move after that",
+                self.session_timeout_ms,
+            )
+            self.session_timeout_ms = 6000
+            assert self.consumer is not None
+            self.consumer.close()
+            self.consumer = self._consumer()
+            self._subscribe()
+            return
+        if err.code() != KafkaError._PARTITION_EOF:
+            log.warning("consume error: %s", err)
+
+    # -- offsets ------------------------------------------------------------------------
+
+    def _maybe_commit(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._next_commit:
+            return
+        self._next_commit = now + COMMIT_INTERVAL_S
+        offsets = self.pipeline.offsets.to_commit()
+        if not offsets or self.consumer is None:
+            return
+        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        try:
+            if force:
+                self.consumer.commit(offsets=tps, asynchronous=False)
+                self.pipeline.offsets.mark_committed(offsets)
+            else:
+                self.consumer.commit(offsets=tps, asynchronous=True)
+        except Exception as exc:  # e.g. a rebalance is under way: the next commit retries
+            log.info("commit of %d offsets not done: %s", len(tps), exc)
+
+    def _on_commit(self, err: Any, partitions: list[TopicPartition]) -> None:
+        if err is not None:
+            return
+        self.pipeline.offsets.mark_committed(
+            {(tp.topic, tp.partition): tp.offset for tp in partitions if tp.error is None}
+        )
+
+    # -- rebalances ---------------------------------------------------------------------
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        revoked = {tp.partition for tp in partitions if tp.topic == topics.QUERIES}
+        self.pipeline.freeze(revoked)
+        left = self.producer.flush(10)
+        if left:
+            log.error("%d records not delivered before partitions were revoked", left)
+        self._maybe_commit(force=True)
+        log.info("partitions revoked: %s", sorted(revoked))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        lost = {tp.partition for tp in partitions if tp.topic == topics.QUERIES}
+        dropped = self.pipeline.drop(lost)
+        self.serving -= lost
+        self.restoring -= lost
+        log.warning("partitions lost: %s (%d pending queries dropped)", sorted(lost), dropped)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        assigned = {tp.partition for tp in partitions if tp.topic == topics.QUERIES}
+        before = self.serving | self.restoring
+        kept = assigned & self.serving
+        lost = before - assigned
+        new = assigned - self.serving
+        self._epoch += 1
+        dropped = self.pipeline.drop(lost)
+        self.pipeline.thaw(kept, now_us())
+        self.serving = kept
+        self.restoring = new
+        offsets = self.pipeline.offsets
+        placed = []
+        for tp in partitions:
+            position = offsets.position(tp.topic, tp.partition) if tp.partition in kept else None
+            placed.append(
+                TopicPartition(tp.topic, tp.partition, position) if position is not None else tp
+            )
+        consumer.assign(placed)
+        if new:
+            if self.settings.dedup:
+                # queries wait for the predictions already made for them; feedback waits
+                # for the answers it needs as well
+                consumer.pause(
+                    [TopicPartition(t, p) for p in new for t in (topics.QUERIES, topics.FEEDBACK)]
+                )
+                threading.Thread(
+                    target=self._restore,
+                    args=(self._epoch, set(new)),
+                    name="restore",
+                    daemon=True,
+                ).start()
+            else:
+                self.serving |= new
+                self.restoring -= new
+        log.info(
+            "partitions assigned: %s (kept %s, new %s; given up %s, %d pending dropped)",
+            sorted(assigned),
+            sorted(kept),
+            sorted(new),
+            sorted(lost),
+            dropped,
+        )
+        self.ready.set()
+
+    def _restore(self, epoch: int, partitions: set[int]) -> None:
+        """In a thread of its own (blocking reads): what was answered for ``partitions``."""
+        key_of = dedup.key_function(self.registry)
+        try:
+            plan = dedup.plan(self.settings, partitions, self.group)
+            found, done = dedup.read(self.settings, plan.recent, self.group, key_of)
+            self.sensor.on_restore(done.seconds)
+            self._restores.put((epoch, "recent", partitions, found))
+            older, done = dedup.read(self.settings, plan.older, self.group, key_of)
+            self._restores.put((epoch, "older", partitions, older))
+        except Exception:
+            # serving on is better than stopping; a redelivered query may then be answered
+            # twice, which the SDK's reader still removes
+            log.exception("restoring answered queries of %s failed", sorted(partitions))
+            self._restores.put((epoch, "recent", partitions, []))
+            self._restores.put((epoch, "older", partitions, []))
+
+    def _apply_restores(self) -> None:
+        while True:
+            try:
+                epoch, what, partitions, found = self._restores.get_nowait()
+            except queue.Empty:
+                return
+            if epoch != self._epoch or self.consumer is None:
+                continue  # another rebalance came: its own restore covers these partitions
+            self.pipeline.restore(found)
+            resume = topics.QUERIES if what == "recent" else topics.FEEDBACK
+            self.consumer.resume([TopicPartition(resume, p) for p in partitions])
+            if what == "recent":
+                self.serving |= partitions
+                self.restoring -= partitions
+            log.info("restored %d %s predictions of %s", len(found), what, sorted(partitions))
+
+    # -- stopping -----------------------------------------------------------------------
+
+    def _drain_and_close(self) -> None:
+        """A clean stop: take no more queries, answer those pending (bounded), deliver,
+        commit, and leave the group at once so the others take over without waiting for
+        the session timeout."""
+        consumer, pipeline = self.consumer, self.pipeline
+        assert consumer is not None
+        try:
+            assignment = consumer.assignment()
+            consumer.pause([tp for tp in assignment if tp.topic != topics.RESPONSES])
+            deadline = time.monotonic() + DRAIN_S
+            while len(pipeline.pending) and time.monotonic() < deadline:
+                messages = consume_ready(consumer, 2000, 0.01)
+                if messages:
+                    self._handle(messages)
+                pipeline.tick(now_us())
+                self.producer.poll(0)
+            left = self.producer.flush(10)
+            if left:
+                log.error("%d records not delivered at shutdown", left)
+            self._maybe_commit(force=True)
+        finally:
+            consumer.close()
+            self.tail.close()
