@@ -29,6 +29,7 @@ SCHEMA_FILES = {
     "DeadLetter": "dead_letter.avsc",
     "ControlRecord": "control_record.avsc",
     "SelectionSnapshot": "selection_snapshot.avsc",
+    "ArtifactChunk": "artifact_chunk.avsc",
 }
 
 

@@ -23,6 +23,8 @@ def test_schema_parses_with_avro(kind: str) -> None:
 @pytest.mark.parametrize("kind", sorted(codec.SCHEMA_FILES))
 def test_schema_is_backward_compatible_with_previous_release(kind: str) -> None:
     file = codec.SCHEMA_FILES[kind]
+    if not (PREVIOUS / file).is_file():
+        pytest.skip(f"{kind} is new since the last release: nothing to be compatible with")
     reader = avro.schema.parse((codec.schema_dir() / file).read_text())
     writer = avro.schema.parse((PREVIOUS / file).read_text())
     result = ReaderWriterCompatibilityChecker().get_compatibility(reader, writer)
