@@ -275,21 +275,26 @@ def _read_chunks(
                             f"not in {here} (was the topic deleted or truncated?)"
                         )
                     raise ArtifactError(f"artifact {digest[:12]}: reading {here}: {msg.error()}")
-                chunk = _checked_chunk(msg, digest, count, chunk_bytes)
-                if chunk is None or chunk[0] not in missing:
-                    continue  # another file's chunk, or a second copy of one we have
+                chunk = _checked_chunk(msg, digest, count, chunk_bytes, missing)
+                if chunk is None:
+                    continue
                 index, data = chunk
                 out.seek(index * chunk_bytes)
                 out.write(data)
                 missing.discard(index)
                 stalled_at = time.monotonic() + stall_s
+                if not missing:
+                    break
     finally:
         consumer.close()
 
 
-def _checked_chunk(msg: Any, digest: str, count: int, chunk_bytes: int) -> tuple[int, bytes] | None:
-    """A message's chunk of ``digest`` (index and data) once checked, None for another file's;
-    a chunk of this file that does not check out is refused with the reason."""
+def _checked_chunk(
+    msg: Any, digest: str, count: int, chunk_bytes: int, missing: set[int]
+) -> tuple[int, bytes] | None:
+    """A message's chunk of ``digest`` (index and data) once checked; None for another file's
+    chunk or a copy of one already read. A chunk this file needs that does not check out is
+    refused with the reason."""
     ours = (msg.key() or b"").startswith(digest.encode())
     try:
         chunk = codec.decode("ArtifactChunk", msg.value())
@@ -302,6 +307,8 @@ def _checked_chunk(msg: Any, digest: str, count: int, chunk_bytes: int) -> tuple
     if chunk["digest"] != digest:
         return None
     index = chunk["index"]
+    if index in range(count) and index not in missing:
+        return None
     at = f"artifact {digest[:12]}: chunk {index} of {count} (offset {msg.offset()})"
     if chunk["count"] != count or not 0 <= index < count:
         raise ArtifactError(f"{at} says it is chunk {index} of {chunk['count']}; refused")
