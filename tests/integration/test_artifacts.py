@@ -11,6 +11,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from models import artifacts, registry
 from models.artifacts import ArtifactError
-from models.files import load_model, save_onnx
+from models.files import load_model
 from models.replica import Replica
 from models.training import digits_split
 from streams import codec
@@ -74,17 +75,31 @@ def test_a_replica_on_another_host_serves_a_deployed_and_removed_file(
     deployer.mkdir()
     host.mkdir()
     shutil.copy(digits_models["digits-logreg"][0], deployer / "logreg.skops")
-    forest = load_model(digits_models["digits-forest"][0])
-    save_onnx(forest, deployer / "forest.onnx", 64)
-    files = {p.name: p.read_bytes() for p in deployer.iterdir()}
+    shutil.copy(digits_models["digits-forest"][0], deployer / "forest.skops")
+    forest = load_model(deployer / "forest.skops")
 
     # the commands as an operator types them, with paths relative to where they stand
+    convert = "from models.files import load_model as l, save_onnx as s; "
+    convert += "s(l('forest.skops'), 'forest.onnx', 64)"
+    subprocess.run([sys.executable, "-c", convert], cwd=deployer, check=True, timeout=120)
+    files = {n: (deployer / n).read_bytes() for n in ("logreg.skops", "forest.onnx")}
     out = cli(s, deployer, "model", "deploy", "logreg", "logreg.skops", "--input-dim", "64")
     digest = hashlib.sha256(files["logreg.skops"]).hexdigest()
     assert (
         out.strip() == f"logreg v1 serving (sha256 {digest}, {len(files['logreg.skops']):,} bytes)"
     )
-    cli(s, deployer, "model", "deploy", "forest", "forest.onnx", "--format", "onnx")
+    cli(
+        s,
+        deployer,
+        "model",
+        "deploy",
+        "forest",
+        "forest.onnx",
+        "--format",
+        "onnx",
+        "--input-dim",
+        "64",
+    )
     listed = cli(s, deployer, "model", "list")
     for name, data in files.items():
         row = next(line for line in listed.splitlines() if name.split(".")[0] in line.split())
