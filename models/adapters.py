@@ -1,4 +1,5 @@
-"""A uniform batch interface over models: scikit-learn estimators and numpy callables.
+"""A uniform batch interface over models: scikit-learn estimators, ONNX graphs (run by
+onnxruntime) and numpy callables.
 
 ``predict_batch`` never raises for bad input or a failing model: every row gets either an
 answer or the reason it has none, so one bad query cannot take a replica down."""
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from models.files import OnnxModel
 from models.validation import InputSpec, validate
 
 METHODS = ("predict_proba", "decision_function", "predict")
@@ -157,3 +159,107 @@ class CallableAdapter(ModelAdapter):
         if out.ndim != 1:
             raise ValueError(f"returned a {out.ndim}-D array; expected 1-D or 2-D")
         return [_label(v) for v in out], _values(out)
+
+
+#: ONNX input element types a batch (float64 on the wire) can be given as
+ONNX_INPUTS = {"tensor(float)": np.float32, "tensor(double)": np.float64}
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class OnnxAdapter(ModelAdapter):
+    """An ONNX graph with one float input (rows x features) and either class scores (a
+    rows x classes tensor, or skl2onnx's one {class: score} map per row) with optional
+    labels, or one value per row (a regressor). Classes come from the graph
+    (``files.onnx_classes``); scores without named classes are labelled by column index."""
+
+    def __init__(
+        self, model: OnnxModel, name: str, version: int, nan_policy: str = "reject"
+    ) -> None:
+        self.session = model.session
+        self.name = name
+        self.version = version
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or inputs[0].type not in ONNX_INPUTS:
+            raise ValueError(
+                "an ONNX model here takes one float or double tensor (rows x features); this "
+                f"one takes {[(i.name, i.type, i.shape) for i in inputs]}"
+            )
+        self._input = inputs[0].name
+        self._dtype = ONNX_INPUTS[inputs[0].type]
+        shape = inputs[0].shape
+        dim = shape[1] if len(shape) == 2 and isinstance(shape[1], int) else None
+        self.input_spec = InputSpec(dim=dim, nan_policy=nan_policy)
+        scores = [
+            o
+            for o in outputs
+            if o.type.startswith("seq(map(") or (o.type in ONNX_INPUTS and len(o.shape) == 2)
+        ]
+        labels = [o for o in outputs if o.type.startswith("tensor(") and len(o.shape) == 1]
+        if not scores and not labels:
+            raise ValueError(
+                "an ONNX model here returns class scores (rows x classes) or one label or "
+                f"value per row; this one returns {[(o.name, o.type, o.shape) for o in outputs]}"
+            )
+        self._scores = scores[0].name if scores else None
+        self._labels = labels[0].name if labels else None
+        width = scores[0].shape[1] if scores and len(scores[0].shape) == 2 else None
+        classes = model.classes
+        if classes is None and isinstance(width, int) and (width > 1 or self._labels):
+            classes = [str(i) for i in range(width)]
+        # a regressor: one value per row, no classes (like SklearnAdapter's predict)
+        self._values = classes is None and (self._scores is None or width == 1)
+        self._classes = [] if self._values else list(classes or [])
+        self._names = [n for n in (self._scores, self._labels) if n is not None]
+
+    @property
+    def classes(self) -> list[str]:
+        return self._classes
+
+    def predict_batch(self, X: np.ndarray) -> BatchOutput:
+        X = np.array(X, dtype=np.float64, copy=True)
+        big = np.zeros(X.shape[0] if X.ndim else 0, dtype=bool)
+        if self._dtype is np.float32 and X.ndim == 2:
+            # finite in float64 but infinite once cast: the model would answer nonsense
+            big = (np.isfinite(X) & (np.abs(X) > FLOAT32_MAX)).any(axis=1)
+            X[big] = 0.0
+        out = super().predict_batch(X)
+        for i in np.flatnonzero(big):
+            out.errors[i] = "input outside the model's float32 range"
+            out.labels[i] = None
+            out.scores[i] = 0.0
+        return out
+
+    def _predict(self, X: np.ndarray) -> tuple[list[str], np.ndarray]:
+        got = dict(
+            zip(
+                self._names,
+                self.session.run(self._names, {self._input: X.astype(self._dtype)}),
+                strict=True,
+            )
+        )
+        scores, labels = got.get(self._scores), got.get(self._labels)
+        if isinstance(scores, list):  # ZipMap: one {class: score} per row, in class order
+            keys = list(scores[0]) if scores else []
+            if not self._classes:
+                self._classes = [_label(k) for k in keys]
+            scores = np.array([[row[k] for k in keys] for row in scores], dtype=np.float64)
+        if self._values:
+            values = np.asarray(scores if scores is not None else labels).reshape(len(X), -1)
+            return [_label(v) for v in values[:, 0]], _values(values[:, 0])
+        scores = np.asarray(scores, dtype=np.float64)
+        if scores.ndim != 2 or scores.shape[1] != len(self._classes):
+            raise ValueError(
+                f"returned scores of shape {scores.shape} for {len(self._classes)} classes"
+            )
+        if labels is None:
+            return [self._classes[p] for p in scores.argmax(axis=1)], scores
+        return [_label(v) for v in np.asarray(labels).reshape(-1)], scores
+
+
+def adapter_for(
+    model: Any, name: str, version: int, method: str = "predict_proba", nan_policy: str = "reject"
+) -> ModelAdapter:
+    """The adapter for a loaded model file (``files.load_model``)."""
+    if isinstance(model, OnnxModel):
+        return OnnxAdapter(model, name, version, nan_policy=nan_policy)
+    return SklearnAdapter(model, name, version, method=method, nan_policy=nan_policy)

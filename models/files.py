@@ -1,14 +1,22 @@
-"""Model files: skops with an explicit trusted-types list; pickle only when trusted.
+"""Model files: skops with an explicit trusted-types list, ONNX graphs; pickle only when
+trusted.
 
-Model files are loaded only from paths an operator named (DESIGN.md invariant 4)."""
+Model files are loaded only from artifacts an operator deployed, checked against their
+digest (models/artifacts.py, DESIGN.md invariant 4). An ONNX file is a graph of operators,
+not code: loading it runs nothing of the file's own."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import skops.io as sio
+
+FORMATS = ("skops", "onnx", "pickle", "joblib")
 
 #: type-name prefixes a skops file may ask for without the operator listing them
 TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.")
@@ -19,6 +27,72 @@ def save_model(estimator: Any, path: Path | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     sio.dump(estimator, path)
     return path
+
+
+@dataclass(frozen=True)
+class OnnxModel:
+    """An ONNX graph ready to run, and its class labels when the graph names them."""
+
+    session: Any  # onnxruntime.InferenceSession
+    classes: list[str] | None
+
+
+def save_onnx(estimator: Any, path: Path | str, n_features: int) -> Path:
+    """Convert a fitted scikit-learn estimator to ONNX with skl2onnx: float32 input, and class
+    scores as one rows x classes tensor (skl2onnx's default, a dict per row, costs Python
+    work per row at serving time)."""
+    from skl2onnx import to_onnx
+    from sklearn.base import is_classifier
+
+    options = {"zipmap": False} if is_classifier(estimator) else None
+    proto = to_onnx(estimator, np.zeros((1, n_features), dtype=np.float32), options=options)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def onnx_classes(proto: Any) -> list[str] | None:
+    """Class labels of an ONNX classifier: the metadata property ``classes`` (a JSON list, how
+    an export from another framework names them), else the labels of an ``ai.onnx.ml``
+    classifier node (what skl2onnx writes)."""
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "classes" in meta:
+        return [str(c) for c in json.loads(meta["classes"])]
+    for node in proto.graph.node:
+        if node.domain != "ai.onnx.ml":
+            continue
+        for attr in node.attribute:
+            if attr.name in ("classlabels_ints", "classlabels_int64s"):
+                return [str(v) for v in attr.ints]
+            if attr.name == "classlabels_strings":
+                return [v.decode() for v in attr.strings]
+    return None
+
+
+def load_onnx(path: Path | str) -> OnnxModel:
+    import onnx
+    import onnxruntime as ort
+
+    data = Path(path).read_bytes()
+    proto = onnx.load_model_from_string(data)
+    # external data names other files by path: a deployed artifact is one file, and a path
+    # inside it must not make the replica read files of its host
+    external = [
+        t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+    ]
+    if external:
+        raise ValueError(
+            f"{path}: ONNX tensors kept in external files are not supported ({external[:3]}); "
+            "save the model as one file"
+        )
+    options = ort.SessionOptions()
+    # a replica is one model process among several on a host (Clipper's model container):
+    # one thread each, and more replicas for more throughput, as with the scikit-learn models
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return OnnxModel(session, onnx_classes(proto))
 
 
 def untrusted_types(path: Path | str, trusted: Sequence[str] = ()) -> list[str]:
@@ -58,4 +132,6 @@ def load_model(
         import joblib  # pickle-compatible, and what scikit-learn users save with
 
         return joblib.load(path)  # trust: operator passed --trust-pickle
-    raise ValueError(f"unknown model format {format!r}: use skops, pickle or joblib")
+    if format == "onnx":
+        return load_onnx(path)
+    raise ValueError(f"unknown model format {format!r}: use one of {', '.join(FORMATS)}")

@@ -20,6 +20,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
+from models import artifacts
 from models.specs import refusal
 from streams import codec, topics
 from streams.config import Settings
@@ -263,9 +264,27 @@ def deploy_model(
     batch_max: int | None = None,
     batch_wait_ms: float | None = None,
     latency_slo_ms: float | None = None,
+    sha256: str | None = None,
 ) -> dict[str, Any]:
-    """Add a new version of a model and make it the serving one."""
-    spec = deepcopy(current(settings).model(name)) or {
+    """Add a new version of a model and make it the serving one.
+
+    ``path`` is a local file, whose bytes go to the cluster (models/artifacts.py) unless a
+    file with the same digest is already there, or a URI replicas download; ``sha256`` is
+    the digest the file must have (for a URI, given instead of reading the file once here)."""
+    known = current(settings)
+    try:
+        if artifacts.is_uri(path):
+            stored = artifacts.describe_uri(path, sha256)
+        else:
+            stored = artifacts.upload(
+                settings,
+                path,
+                [v for m in known.models.values() for v in m["versions"]],
+                expected=sha256,
+            )
+    except artifacts.ArtifactError as exc:
+        raise RegistryError(str(exc)) from None
+    spec = deepcopy(known.model(name)) or {
         "version": 0,
         "versions": [],
         "partitions": partitions or settings.replica_partitions,
@@ -291,6 +310,7 @@ def deploy_model(
             "input_dim": input_dim,
             "nan_policy": nan_policy,
             "deployed_at_us": time.time_ns() // 1000,
+            **stored,
         }
     )
     spec["version"] = version

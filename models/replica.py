@@ -22,7 +22,8 @@ import numpy as np
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient
 
-from models.adapters import BatchOutput, ModelAdapter, SklearnAdapter
+from models import artifacts
+from models.adapters import BatchOutput, ModelAdapter, adapter_for
 from models.files import load_model
 from models.registry import ControlFollower
 from streams import codec, metrics, topics
@@ -85,21 +86,19 @@ class Replica:
         if spec is None:
             return f"model {self.model} has no version {version} in the registry"
         try:
-            estimator = load_model(
-                spec["path"],
+            # the file as deployed, from this host's cache or fetched and checked against
+            # its digest (models/artifacts.py)
+            model = load_model(
+                artifacts.fetch(self.settings, spec),
                 format=spec["format"],
                 trusted=self.trusted_types,
                 trust_pickle=self.trust_pickle,
             )
-            adapter = SklearnAdapter(
-                estimator,
-                self.model,
-                version,
-                method=spec["method"],
-                nan_policy=spec["nan_policy"],
+            adapter = adapter_for(
+                model, self.model, version, method=spec["method"], nan_policy=spec["nan_policy"]
             )
         except Exception as exc:  # a bad file must not take the replica down
-            reason = f"cannot load {self.model} v{version} from {spec['path']}: {exc}"
+            reason = f"cannot load {self.model} v{version} from {artifacts.describe(spec)}: {exc}"
             log.error(reason)
             self._failed[version] = reason
             return reason

@@ -309,19 +309,20 @@ def model() -> None:
 
 @model.command("deploy")
 @click.argument("name")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("source")
 @click.option(
     "--method",
     default="predict_proba",
     show_default=True,
     type=click.Choice(["predict_proba", "predict", "decision_function"]),
+    help="scikit-learn models: the method that answers (ONNX models answer with their outputs)",
 )
 @click.option(
     "--format",
     "fmt",
     default="skops",
     show_default=True,
-    type=click.Choice(["skops", "pickle", "joblib"]),
+    type=click.Choice(["skops", "onnx", "pickle", "joblib"]),
 )
 @click.option("--input-dim", type=int, default=None)
 @click.option(
@@ -335,17 +336,30 @@ def model() -> None:
 @click.option("--batch-max", type=int, default=None)
 @click.option("--batch-wait-ms", type=float, default=None)
 @click.option("--latency-slo-ms", type=float, default=None, help="AIMD latency objective")
-def model_deploy(name: str, path: Path, method: str, fmt: str, **opts: Any) -> None:
-    """Deploy the model file PATH as the next version of NAME and serve it."""
+@click.option(
+    "--sha256",
+    default=None,
+    help="the digest the file must have; for a URI, saves reading it once to compute it",
+)
+def model_deploy(name: str, source: str, method: str, fmt: str, **opts: Any) -> None:
+    """Deploy SOURCE as the next version of NAME and serve it. SOURCE is a local file, whose
+    bytes are uploaded to the cluster (topic clipstream.artifacts), or a URI that replicas
+    download (s3://, gs://, https://, file://); either way replicas check its SHA-256."""
+    from models.artifacts import is_uri
     from models.registry import RegistryError, deploy_model
 
+    if not is_uri(source):
+        path = Path(source)
+        if not path.exists() or path.is_dir():
+            fail(f"no model file at {source}")
+        source = str(path.resolve())
     try:
-        spec = deploy_model(
-            settings_for(), name, str(path.resolve()), method=method, fmt=fmt, **opts
-        )
+        spec = deploy_model(settings_for(), name, source, method=method, fmt=fmt, **opts)
     except RegistryError as exc:
         fail(str(exc))
-    click.echo(f"{name} v{spec['version']} serving")
+    serving = spec["versions"][-1]
+    size = "" if serving["size"] is None else f", {serving['size']:,} bytes"
+    click.echo(f"{name} v{spec['version']} serving (sha256 {serving['digest']}{size})")
 
 
 @model.command("rollback")
@@ -372,15 +386,19 @@ def model_list(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"models": registry.models, "apps": registry.apps}, indent=2))
         return
-    table = Table("model", "serving", "versions", "method", "path")
+    table = Table("model", "serving", "versions", "method", "format", "sha256", "size", "source")
     for name, spec in sorted(registry.models.items()):
         serving = registry.version_spec(name) or {}
+        stored = serving.get("artifact")
         table.add_row(
             name,
             f"v{spec['version']}",
             ", ".join(f"v{v['version']}" for v in spec["versions"]),
             serving.get("method", ""),
-            serving.get("path", ""),
+            serving.get("format", ""),
+            (serving.get("digest") or "-")[:12],
+            "-" if serving.get("size") is None else f"{serving['size']:,}",
+            f"{stored['topic']} ({serving['path']})" if stored else serving.get("path", ""),
         )
     Console().print(table)
     apps = Table("app", "policy", "models", "deadline ms", "default")

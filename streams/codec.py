@@ -30,6 +30,7 @@ SCHEMA_FILES = {
     "ControlRecord": "control_record.avsc",
     "SelectionSnapshot": "selection_snapshot.avsc",
     "Observation": "observation.avsc",
+    "ArtifactChunk": "artifact_chunk.avsc",
 }
 
 
@@ -63,10 +64,10 @@ def parsed(kind: str) -> Any:
 
 
 def fingerprint(schema: dict[str, Any]) -> bytes:
-    """CRC-64-AVRO of the schema's canonical form, little-endian, as the spec frames it."""
+    """CRC-64-AVRO of the schema's canonical form, little-endian, as the spec frames it
+    (fastavro's hex string already lists the bytes in that order)."""
     canonical = fastavro.schema.to_parsing_canonical_form(schema)
-    value = int(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO"), 16)
-    return value.to_bytes(8, "little")
+    return bytes.fromhex(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO"))
 
 
 @cache
@@ -76,13 +77,18 @@ def header(kind: str) -> bytes:
 
 @cache
 def writers(kind: str) -> dict[bytes, Any]:
-    """Fingerprint -> parsed writer schema, for this release and every earlier one."""
-    found = {header(kind)[2:]: parsed(kind)}
+    """Fingerprint -> parsed writer schema, for this release and every earlier one.
+
+    Releases up to 0.1.0 wrote the fingerprint's bytes in reverse (big-endian) order; their
+    records are still read."""
+    current = fingerprint(schema_json(kind))
+    found = {current: parsed(kind), current[::-1]: parsed(kind)}
     for release in sorted(HISTORY.glob("*")):
         path = release / SCHEMA_FILES[kind]
         if path.is_file():
             schema = json.loads(path.read_text())
-            found.setdefault(fingerprint(schema), fastavro.parse_schema(schema))
+            for framed in (fingerprint(schema), fingerprint(schema)[::-1]):
+                found.setdefault(framed, fastavro.parse_schema(schema))
     return found
 
 

@@ -67,6 +67,8 @@ class Settings:
     trust_pickle: bool = False
     #: comma-separated types a skops model file may need beyond the built-in allowlist
     trusted_types: str | None = None
+    #: where replicas keep verified model files, by digest (default ~/.cache/clipstream/artifacts)
+    artifact_cache: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

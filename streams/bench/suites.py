@@ -2,7 +2,9 @@
 
 Suite ``batching`` (Clipper's adaptive batching gain, per model): throughput with batch
 size 1 against adaptive (AIMD) batching, at the replica (batches written straight to the
-model's requests topic) and end to end (queries through a worker and a replica).
+model's requests topic) and end to end (queries through a worker and a replica). The models
+are skops files, plus the first one converted to ONNX with skl2onnx and served by
+onnxruntime (``<model>-onnx``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from models import registry
+from models.files import load_model, save_onnx
 from models.training import digits_split, train_digits_models
 from streams import codec, topics
 from streams.config import Settings
@@ -117,22 +120,31 @@ def batching_suite(
 ) -> list[dict[str, Any]]:
     trained = train_digits_models(workdir / "models", names=models)
     _, X, _, _ = digits_split()
+    files = {m: (str(trained[m][0]), "skops") for m in models}
+    onnx = save_onnx(load_model(trained[models[0]][0]), workdir / "models" / "model.onnx", 64)
+    files[f"{models[0]}-onnx"] = (str(onnx), "onnx")
     logs = workdir / "logs"
     env = {"KAFKA_BOOTSTRAP_SERVERS": settings.require_bootstrap()}
     results = []
-    for model in models:
-        path = str(trained[model][0])
+    for model, (path, fmt) in files.items():
         one, adaptive = f"{model}-b1", f"{model}-adaptive"
         # the same file under two names: one limited to batches of 1, one adaptive
-        registry.deploy_model(settings, one, path, input_dim=64, batch_max=1, partitions=1)
+        registry.deploy_model(settings, one, path, fmt=fmt, input_dim=64, batch_max=1, partitions=1)
         registry.deploy_model(
-            settings, adaptive, path, input_dim=64, batch_max=1024, latency_slo_ms=50, partitions=1
+            settings,
+            adaptive,
+            path,
+            fmt=fmt,
+            input_dim=64,
+            batch_max=1024,
+            latency_slo_ms=50,
+            partitions=1,
         )
         registry.register_app(settings, f"bench-{one}", [one], deadline_ms=600_000, cache=False)
         registry.register_app(
             settings, f"bench-{adaptive}", [adaptive], deadline_ms=600_000, cache=False
         )
-        row: dict[str, Any] = {"model": model}
+        row: dict[str, Any] = {"model": model, "format": fmt}
         with running(
             [spawn(f"replica-{one}", clipstream_command("replica", "--model", one), logs, env)]
         ):
@@ -238,6 +250,7 @@ def run_suite(suite: str, models: list[str], rows: int, queries: int, out: Path 
         results = batching_suite(settings, workdir, models, rows, queries)
     table = Table(
         "model",
+        "format",
         "replica b=1 rows/s",
         "replica b=256 rows/s",
         "gain",
@@ -248,6 +261,7 @@ def run_suite(suite: str, models: list[str], rows: int, queries: int, out: Path 
     for r in results:
         table.add_row(
             r["model"],
+            r["format"],
             f"{r['replica_b1_rows_s']:.0f}",
             f"{r['replica_b256_rows_s']:.0f}",
             f"{r['replica_gain']:.1f}x",
@@ -260,7 +274,7 @@ def run_suite(suite: str, models: list[str], rows: int, queries: int, out: Path 
         out.write_text(json.dumps({"suite": suite, "results": results}, indent=2))
     for r in results:
         print(
-            f"bench: suite=batching model={r['model']} "
+            f"bench: suite=batching model={r['model']} format={r['format']} "
             f"replica_gain={r['replica_gain']:.1f} e2e_gain={r['e2e_gain']:.1f} "
             f"e2e_adaptive_qps={r['e2e_adaptive_qps']:.0f} e2e_b1_qps={r['e2e_b1_qps']:.0f}"
         )

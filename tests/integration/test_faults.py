@@ -36,8 +36,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 MODELS = ["digits-logreg", "digits-weak"]
 USERS = [f"u{i}" for i in range(8)]  # spread over all four partitions
-CHANGELOG = "clipstream-selection-changelog"
-WORKER_GROUP = "clipstream"
+CHANGELOG = topics.SELECTION_CHANGELOG
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +163,9 @@ class Load:
             return set(self.truth) <= set(self.seen)
 
 
-def group_caught_up(settings: Settings, topic: str) -> bool:
-    """True once the worker group has committed every offset of ``topic``."""
-    consumer = Consumer(settings.kafka(**{"group.id": WORKER_GROUP, "enable.auto.commit": False}))
+def group_caught_up(settings: Settings, topic: str, group: str = topics.SERVING_GROUP) -> bool:
+    """True once ``group`` has committed every offset of ``topic``."""
+    consumer = Consumer(settings.kafka(**{"group.id": group, "enable.auto.commit": False}))
     try:
         parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         tps = [TopicPartition(topic, p) for p in parts]
@@ -179,6 +178,14 @@ def group_caught_up(settings: Settings, topic: str) -> bool:
         return False
     finally:
         consumer.close()
+
+
+def learnt_everything(settings: Settings) -> bool:
+    """Every feedback record joined to its answers by the serving group, and every
+    observation folded into its key's state by the learning (Faust) group."""
+    return group_caught_up(settings, topics.FEEDBACK) and group_caught_up(
+        settings, topics.OBSERVATIONS, topics.FAUST_APP
+    )
 
 
 def stored_weights(settings: Settings, app: str) -> dict[str, dict[str, float]]:
@@ -202,7 +209,7 @@ def stored_weights(settings: Settings, app: str) -> dict[str, dict[str, float]]:
             for msg in consume_ready(consumer, 1000, 0.2):
                 if msg.error():
                     continue
-                key = json.loads(msg.key())  # the table's keys and values are JSON
+                key = msg.key().decode()  # the table's keys are the selection keys' bytes
                 if key.split("|")[0] == app and msg.value() is not None:
                     latest[key] = json.loads(msg.value())
                 if msg.offset() + 1 >= ends.get(msg.partition(), 0):
@@ -232,7 +239,7 @@ def check_promise(settings: Settings, load: Load) -> dict[str, int]:
     assert not missing, f"{len(missing)} of {len(wanted)} queries have no prediction"
     assert not duplicated, f"{len(duplicated)} queries have several predictions: {duplicated}"
 
-    wait_for(lambda: group_caught_up(settings, topics.FEEDBACK), 60, "feedback applied")
+    wait_for(lambda: learnt_everything(settings), 60, "feedback applied")
     replayed, counts = replay(settings, load.app, dry_run=True)
     assert counts["applied"] == len(wanted), counts  # no feedback lost or unknown
     expected = {key: state.weights() for key, state in replayed.items()}

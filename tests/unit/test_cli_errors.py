@@ -121,7 +121,6 @@ USAGE = [
     (["replay", "--app", "a", "--from-offset", "3", "--from-time", "0"], "at most one of"),
     (["replay", "--app", "a", "--from-time", "yesterday"], "Invalid value for --from-time"),
     (["replay"], "Missing option '--app'"),
-    (["model", "deploy", "m", "/no/such/file"], "File '/no/such/file' does not exist"),
     (["nosuch"], "No such command 'nosuch'"),
 ]
 
@@ -135,6 +134,12 @@ def test_usage_errors_are_one_line_with_exit_code_2(
     line = one_line(result)
     assert says in line
     assert line.endswith("--help`)")  # what to do: the command's help
+
+
+def test_a_missing_model_file_is_one_line(tmp_path: Path) -> None:
+    result = run(["model", "deploy", "m", "/no/such/file"], no_cluster_env(tmp_path))
+    assert result.exit_code == 1
+    assert one_line(result) == "error: no model file at /no/such/file"
 
 
 def test_a_port_flag_naming_a_taken_port_is_a_usage_error(tmp_path: Path) -> None:

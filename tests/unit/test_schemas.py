@@ -13,7 +13,7 @@ from streams import codec
 
 PREVIOUS = codec.HISTORY / "0.1.0"
 #: record kinds the previous release did not have
-NEW_SINCE_PREVIOUS = {"Observation"}
+NEW_SINCE_PREVIOUS = {"Observation", "ArtifactChunk"}
 
 
 @pytest.mark.parametrize("kind", sorted(codec.SCHEMA_FILES))
