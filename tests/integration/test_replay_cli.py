@@ -86,8 +86,8 @@ def test_replay_from_the_command_line(
     dry = run_cli(s, "replay", "--app", APP, "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert summary(dry.stdout) == (
-        f"replay: app={APP} states=1 applied={QUERIES} unknown_query=0 other_app=0 "
-        "no_signal=0 installed=false (dry run)"
+        f"replay: app={APP} states=1 applied={QUERIES} replayed=0 no_signal=0 "
+        "installed=false (dry run)"
     )
     replayed, _ = replay(s, APP, dry_run=True)
     assert replayed[APP].to_state() == live  # replay from scratch equals what was learned
@@ -98,7 +98,7 @@ def test_replay_from_the_command_line(
 
     # from an offset: a different state, installed; twice installs the same
     partial, counts = replay(s, APP, from_offset=10, dry_run=True)
-    assert counts["applied"] == QUERIES - 10  # keyed by the app: one partition
+    assert counts["applied"] == QUERIES - 10  # observations keyed by the app: one partition
     assert partial[APP].to_state() != live
     for installed in (1.0, 2.0):
         run = run_cli(s, "replay", "--app", APP, "--from-offset", "10")
