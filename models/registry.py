@@ -371,7 +371,7 @@ def register_app(
     if unknown:
         raise RegistryError(
             f"models not deployed: {', '.join(unknown)}; deploy them first "
-            "(`clipstream model deploy NAME PATH`)"
+            "(`clipstream model deploy NAME SOURCE`)"
         )
     publish(settings, record)
     return spec

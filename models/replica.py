@@ -176,7 +176,7 @@ class Replica:
             lambda: registry.model(self.model) is not None,
             self.stopping,
             f"model {self.model} is not deployed: waiting for "
-            f"`clipstream model deploy {self.model} PATH`",
+            f"`clipstream model deploy {self.model} SOURCE`",
         )
         if not deployed:
             return False

@@ -63,7 +63,7 @@ def test_registry_commands_refuse_in_one_line(
         "app cli-app: policy SINGLE takes exactly one model; use EXP3 or EXP4 for several"
     )
     assert one_line(s, *register, "nosuch", "--policy", "EXP3") == (
-        "models not deployed: nosuch; deploy them first (`clipstream model deploy NAME PATH`)"
+        "models not deployed: nosuch; deploy them first (`clipstream model deploy NAME SOURCE`)"
     )
     assert one_line(s, "model", "rollback", "nosuch") == "no model named 'nosuch' is deployed"
     assert one_line(s, "model", "rollback", "cli-logreg") == (

@@ -97,7 +97,7 @@ def test_a_replica_of_a_model_never_deployed_says_so_and_stops_cleanly(
     processes: Callable[..., Child],
 ) -> None:
     replica = processes("nosuch", "replica", "--model", "nosuch")
-    waiting = "model nosuch is not deployed: waiting for `clipstream model deploy nosuch PATH`"
+    waiting = "model nosuch is not deployed: waiting for `clipstream model deploy nosuch SOURCE`"
     wait_for(lambda: waiting in log(replica), 60, "the replica to say the model is missing")
     assert replica.alive()
     assert replica.stop() == 0  # SIGTERM while waiting: a clean exit
