@@ -83,7 +83,7 @@ class ServingLoop:
         #: query partitions assigned, waiting for their restore
         self.restoring: set[int] = set()
         self._epoch = 0
-        self._restores: queue.SimpleQueue[tuple[int, str, set[int], list[Any]]] = (
+        self._restores: queue.SimpleQueue[tuple[int, str, set[int], list[Any], float]] = (
             queue.SimpleQueue()
         )
         self._next_commit = 0.0
@@ -231,7 +231,7 @@ class ServingLoop:
         if left:
             log.error("%d records not delivered before partitions were revoked", left)
         self._maybe_commit(force=True)
-        log.info("partitions revoked: %s", sorted(revoked))
+        log.warning("partitions revoked: %s", sorted(revoked))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         lost = {tp.partition for tp in partitions if tp.topic == topics.QUERIES}
@@ -275,7 +275,7 @@ class ServingLoop:
             else:
                 self.serving |= new
                 self.restoring -= new
-        log.info(
+        log.warning(
             "partitions assigned: %s (kept %s, new %s; given up %s, %d pending dropped)",
             sorted(assigned),
             sorted(kept),
@@ -292,20 +292,20 @@ class ServingLoop:
             plan = dedup.plan(self.settings, partitions, self.group)
             found, done = dedup.read(self.settings, plan.recent, self.group, key_of)
             self.sensor.on_restore(done.seconds)
-            self._restores.put((epoch, "recent", partitions, found))
+            self._restores.put((epoch, "recent", partitions, found, done.seconds))
             older, done = dedup.read(self.settings, plan.older, self.group, key_of)
-            self._restores.put((epoch, "older", partitions, older))
+            self._restores.put((epoch, "older", partitions, older, done.seconds))
         except Exception:
             # serving on is better than stopping; a redelivered query may then be answered
             # twice, which the SDK's reader still removes
             log.exception("restoring answered queries of %s failed", sorted(partitions))
-            self._restores.put((epoch, "recent", partitions, []))
-            self._restores.put((epoch, "older", partitions, []))
+            self._restores.put((epoch, "recent", partitions, [], 0.0))
+            self._restores.put((epoch, "older", partitions, [], 0.0))
 
     def _apply_restores(self) -> None:
         while True:
             try:
-                epoch, what, partitions, found = self._restores.get_nowait()
+                epoch, what, partitions, found, seconds = self._restores.get_nowait()
             except queue.Empty:
                 return
             if epoch != self._epoch or self.consumer is None:
@@ -316,7 +316,13 @@ class ServingLoop:
             if what == "recent":
                 self.serving |= partitions
                 self.restoring -= partitions
-            log.info("restored %d %s predictions of %s", len(found), what, sorted(partitions))
+            log.warning(
+                "restored %d %s predictions of partitions %s in %.2f s",
+                len(found),
+                what,
+                sorted(partitions),
+                seconds,
+            )
 
     # -- stopping -----------------------------------------------------------------------
 
