@@ -333,11 +333,10 @@ def serving(settings: Settings, app: str) -> None:
 
 def two_workers_serving(settings: Settings, timeout: float = 60) -> None:
     """Both workers hold partitions of the serving group (not mid-rebalance)."""
+    admin = AdminClient(settings.kafka())  # kept: its futures die with it
 
     def stable() -> bool:
-        (future,) = (
-            AdminClient(settings.kafka()).describe_consumer_groups([topics.SERVING_GROUP]).values()
-        )
+        (future,) = admin.describe_consumer_groups([topics.SERVING_GROUP]).values()
         group = future.result(10)
         members = [m for m in group.members if m.assignment.topic_partitions]
         return str(group.state).endswith("STABLE") and len(members) == 2
