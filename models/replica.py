@@ -176,8 +176,9 @@ class Replica:
                     "enable.auto.commit": True,
                     "auto.commit.interval.ms": 200,
                     "partition.assignment.strategy": "cooperative-sticky",
-                    "session.timeout.ms": 6000,
-                    "heartbeat.interval.ms": 1000,
+                    # a crashed replica's batches move to the others after this long
+                    "session.timeout.ms": self.settings.session_timeout_ms,
+                    "heartbeat.interval.ms": max(100, self.settings.session_timeout_ms // 4),
                     "fetch.wait.max.ms": 5,
                 }
             )
