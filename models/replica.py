@@ -27,7 +27,7 @@ from models.files import load_model
 from models.registry import ControlFollower
 from streams import codec, metrics, topics
 from streams.config import Settings
-from streams.kafka_util import consume_ready
+from streams.kafka_util import consume_ready, group_session_timeout_ms
 
 log = logging.getLogger("clipstream.replica")
 
@@ -165,6 +165,7 @@ class Replica:
         self.follower.sync()
         self.follower.start()
         self.warm()
+        session_ms = group_session_timeout_ms(self.settings)
         consumer = Consumer(
             self.settings.kafka(
                 **{
@@ -177,8 +178,8 @@ class Replica:
                     "auto.commit.interval.ms": 200,
                     "partition.assignment.strategy": "cooperative-sticky",
                     # a crashed replica's batches move to the others after this long
-                    "session.timeout.ms": self.settings.session_timeout_ms,
-                    "heartbeat.interval.ms": max(100, self.settings.session_timeout_ms // 4),
+                    "session.timeout.ms": session_ms,
+                    "heartbeat.interval.ms": max(100, session_ms // 4),
                     "fetch.wait.max.ms": 5,
                 }
             )

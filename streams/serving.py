@@ -29,7 +29,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from models.registry import Registry
 from streams import dedup, topics
 from streams.config import Settings
-from streams.kafka_util import consume_ready
+from streams.kafka_util import consume_ready, group_session_timeout_ms
 from streams.pipeline import Pipeline, now_us
 from streams.sensors import Sensor
 from streams.state_view import ChangelogTail, StateView
@@ -72,8 +72,8 @@ class ServingLoop:
         self.view = StateView(sensor=self.sensor)
         self.tail = ChangelogTail(settings, self.view)
         self.pipeline = Pipeline(settings, registry, self.producer, self.view, sensor=self.sensor)
-        self.session_timeout_ms = settings.session_timeout_ms
         self.consumer: Consumer | None = None
+        self.session_timeout_ms = settings.session_timeout_ms
         self.stopping = threading.Event()
         self.ready = threading.Event()  # assigned and serving at least once
         self.stopped = threading.Event()
@@ -118,6 +118,7 @@ class ServingLoop:
 
     def _run(self) -> None:
         try:
+            self.session_timeout_ms = group_session_timeout_ms(self.settings)
             read = self.tail.catch_up()
             log.info("selection states read: %d records, %d keys", read, len(self.view))
             self.consumer = self._consumer()
@@ -178,20 +179,6 @@ class ServingLoop:
             self.pipeline.on_feedback(feedback, now)
 
     def _on_error(self, err: KafkaError) -> None:
-        if err.code() == KafkaError.INVALID_SESSION_TIMEOUT and self.session_timeout_ms < 6000:
-            # the broker's group.min.session.timeout.ms is above ours: serve with the
-            # broker default rather than not at all
-            log.warning(
-                "the broker refuses a %d ms session timeout (its group.min.session.timeout.ms "
-                "is higher): using 6000 ms; a crashed worker's partitions move after that",
-                self.session_timeout_ms,
-            )
-            self.session_timeout_ms = 6000
-            assert self.consumer is not None
-            self.consumer.close()
-            self.consumer = self._consumer()
-            self._subscribe()
-            return
         if err.code() != KafkaError._PARTITION_EOF:
             log.warning("consume error: %s", err)
 
