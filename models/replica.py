@@ -28,7 +28,7 @@ from models.files import load_model
 from models.registry import ControlFollower
 from streams import codec, metrics, topics
 from streams.config import Settings
-from streams.kafka_util import consume_ready
+from streams.kafka_util import consume_ready, group_session_timeout_ms
 
 log = logging.getLogger("clipstream.replica")
 
@@ -194,6 +194,7 @@ class Replica:
             self.follower.close()
             return
         self.warm()
+        session_ms = group_session_timeout_ms(self.settings)
         consumer = Consumer(
             self.settings.kafka(
                 **{
@@ -205,8 +206,9 @@ class Replica:
                     "enable.auto.commit": True,
                     "auto.commit.interval.ms": 200,
                     "partition.assignment.strategy": "cooperative-sticky",
-                    "session.timeout.ms": 6000,
-                    "heartbeat.interval.ms": 1000,
+                    # a crashed replica's batches move to the others after this long
+                    "session.timeout.ms": session_ms,
+                    "heartbeat.interval.ms": max(100, session_ms // 4),
                     "fetch.wait.max.ms": 5,
                 }
             )

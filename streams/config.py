@@ -14,7 +14,7 @@ from typing import Any
 ENV_PREFIX = "CLIPSTREAM_"
 
 #: librdkafka's own log lines, which it would otherwise write to stderr
-KAFKA_LOGGER = "clipstream.kafka"
+KAFKA_LOGGER = "clipstream.librdkafka"
 
 
 @dataclass
@@ -49,8 +49,8 @@ class Settings:
     #: a query is answered this long before its deadline, so the answer reaches the app by
     #: the deadline (at most a quarter of the deadline)
     emit_margin_ms: float = 2.0
-    #: the serving group's session timeout: how long a crashed worker's partitions go
-    #: unserved (the broker's group.min.session.timeout.ms must allow it)
+    #: the session timeout of the serving group and the replicas' groups: how long a
+    #: crashed member's partitions go unserved (raised to the broker's minimum)
     session_timeout_ms: int = 2000
     #: observations reach the learner a fetched batch at a time (off: Faust's per-event
     #: stream, to compare)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AdminClient, ConfigResource
+
+from streams.config import Settings
+
+log = logging.getLogger("clipstream.kafka")
 
 
 def consume_ready(consumer: Consumer, max_messages: int, timeout: float) -> list[Message]:
@@ -40,3 +46,27 @@ def watermarks(consumer: Consumer, tp: TopicPartition, timeout: float) -> tuple[
             if exc.args[0].code() not in LEADER_MOVING or time.monotonic() > deadline:
                 raise
         time.sleep(0.1)
+
+
+def group_session_timeout_ms(settings: Settings) -> int:
+    """The session timeout a worker or replica asks its group for: the configured one,
+    raised to the broker's ``group.min.session.timeout.ms`` (a broker refuses anything
+    shorter, and the member would never join)."""
+    wanted = settings.session_timeout_ms
+    try:
+        admin = AdminClient(settings.kafka())
+        brokers = admin.list_topics(timeout=10).brokers
+        resource = ConfigResource(ConfigResource.Type.BROKER, str(min(brokers)))
+        config = admin.describe_configs([resource])[resource].result(10)
+        minimum = int(config["group.min.session.timeout.ms"].value)
+    except Exception as exc:  # not allowed to describe the broker: ask, and see
+        log.debug("broker's minimum session timeout unknown: %s", exc)
+        return wanted
+    if minimum > wanted:
+        log.warning(
+            "the broker's group.min.session.timeout.ms is %d ms: a crashed member's "
+            "partitions move after that long, not after the %d ms configured",
+            minimum,
+            wanted,
+        )
+    return max(wanted, minimum)

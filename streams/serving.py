@@ -29,7 +29,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from models.registry import Registry
 from streams import dedup, topics
 from streams.config import Settings
-from streams.kafka_util import consume_ready
+from streams.kafka_util import consume_ready, group_session_timeout_ms
 from streams.pipeline import Pipeline, now_us
 from streams.sensors import Sensor
 from streams.state_view import ChangelogTail, StateView
@@ -72,8 +72,8 @@ class ServingLoop:
         self.view = StateView(sensor=self.sensor)
         self.tail = ChangelogTail(settings, self.view)
         self.pipeline = Pipeline(settings, registry, self.producer, self.view, sensor=self.sensor)
-        self.session_timeout_ms = settings.session_timeout_ms
         self.consumer: Consumer | None = None
+        self.session_timeout_ms = settings.session_timeout_ms
         self.stopping = threading.Event()
         self.ready = threading.Event()  # assigned and serving at least once
         self.stopped = threading.Event()
@@ -83,7 +83,7 @@ class ServingLoop:
         #: query partitions assigned, waiting for their restore
         self.restoring: set[int] = set()
         self._epoch = 0
-        self._restores: queue.SimpleQueue[tuple[int, str, set[int], list[Any]]] = (
+        self._restores: queue.SimpleQueue[tuple[int, str, set[int], list[Any], float]] = (
             queue.SimpleQueue()
         )
         self._next_commit = 0.0
@@ -118,6 +118,7 @@ class ServingLoop:
 
     def _run(self) -> None:
         try:
+            self.session_timeout_ms = group_session_timeout_ms(self.settings)
             read = self.tail.catch_up()
             log.info("selection states read: %d records, %d keys", read, len(self.view))
             self.consumer = self._consumer()
@@ -178,20 +179,6 @@ class ServingLoop:
             self.pipeline.on_feedback(feedback, now)
 
     def _on_error(self, err: KafkaError) -> None:
-        if err.code() == KafkaError.INVALID_SESSION_TIMEOUT and self.session_timeout_ms < 6000:
-            # the broker's group.min.session.timeout.ms is above ours: serve with the
-            # broker default rather than not at all
-            log.warning(
-                "the broker refuses a %d ms session timeout (its group.min.session.timeout.ms "
-                "is higher): using 6000 ms; a crashed worker's partitions move after that",
-                self.session_timeout_ms,
-            )
-            self.session_timeout_ms = 6000
-            assert self.consumer is not None
-            self.consumer.close()
-            self.consumer = self._consumer()
-            self._subscribe()
-            return
         if err.code() != KafkaError._PARTITION_EOF:
             log.warning("consume error: %s", err)
 
@@ -231,7 +218,7 @@ class ServingLoop:
         if left:
             log.error("%d records not delivered before partitions were revoked", left)
         self._maybe_commit(force=True)
-        log.info("partitions revoked: %s", sorted(revoked))
+        log.warning("partitions revoked: %s", sorted(revoked))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         lost = {tp.partition for tp in partitions if tp.topic == topics.QUERIES}
@@ -275,7 +262,7 @@ class ServingLoop:
             else:
                 self.serving |= new
                 self.restoring -= new
-        log.info(
+        log.warning(
             "partitions assigned: %s (kept %s, new %s; given up %s, %d pending dropped)",
             sorted(assigned),
             sorted(kept),
@@ -292,20 +279,20 @@ class ServingLoop:
             plan = dedup.plan(self.settings, partitions, self.group)
             found, done = dedup.read(self.settings, plan.recent, self.group, key_of)
             self.sensor.on_restore(done.seconds)
-            self._restores.put((epoch, "recent", partitions, found))
+            self._restores.put((epoch, "recent", partitions, found, done.seconds))
             older, done = dedup.read(self.settings, plan.older, self.group, key_of)
-            self._restores.put((epoch, "older", partitions, older))
+            self._restores.put((epoch, "older", partitions, older, done.seconds))
         except Exception:
             # serving on is better than stopping; a redelivered query may then be answered
             # twice, which the SDK's reader still removes
             log.exception("restoring answered queries of %s failed", sorted(partitions))
-            self._restores.put((epoch, "recent", partitions, []))
-            self._restores.put((epoch, "older", partitions, []))
+            self._restores.put((epoch, "recent", partitions, [], 0.0))
+            self._restores.put((epoch, "older", partitions, [], 0.0))
 
     def _apply_restores(self) -> None:
         while True:
             try:
-                epoch, what, partitions, found = self._restores.get_nowait()
+                epoch, what, partitions, found, seconds = self._restores.get_nowait()
             except queue.Empty:
                 return
             if epoch != self._epoch or self.consumer is None:
@@ -316,7 +303,13 @@ class ServingLoop:
             if what == "recent":
                 self.serving |= partitions
                 self.restoring -= partitions
-            log.info("restored %d %s predictions of %s", len(found), what, sorted(partitions))
+            log.warning(
+                "restored %d %s predictions of partitions %s in %.2f s",
+                len(found),
+                what,
+                sorted(partitions),
+                seconds,
+            )
 
     # -- stopping -----------------------------------------------------------------------
 

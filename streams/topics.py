@@ -100,16 +100,17 @@ def ensure_topics(
     if grow:
         smaller = [t for t in wrong if present[t.topic] < t.num_partitions]
         if smaller:
-            for future in admin.alter_partitions(
+            for future in admin.create_partitions(
                 [NewPartitions(t.topic, t.num_partitions) for t in smaller]
             ).values():
                 future.result(timeout)
     elif wrong:
-        found = ", ".join(f"{t.topic} has {present[t.topic]}" for t in wrong)
+        found = ", ".join(f"{t.topic} ({present[t.topic]})" for t in wrong)
         raise PartitionMismatch(
-            f"{found} partitions where {wrong[0].num_partitions} are configured: set "
-            f"CLIPSTREAM_PARTITIONS={present[wrong[0].topic]} to match the cluster (changing "
-            "the count of existing topics would move keys away from their state)"
+            f"existing topics have another partition count than the {wrong[0].num_partitions} "
+            f"configured: {found}; set CLIPSTREAM_PARTITIONS={present[wrong[0].topic]} to "
+            "match the cluster (changing the count of existing topics would move keys away "
+            "from their state)"
         )
     wait_for_topics(admin, [t.topic for t in topics], timeout)
 

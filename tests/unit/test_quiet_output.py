@@ -1,4 +1,4 @@
-"""librdkafka's own log lines go through Python logging (logger ``clipstream.kafka``) instead
+"""librdkafka's own log lines go through Python logging (logger ``clipstream.librdkafka``) instead
 of straight to stderr, at the level --log-level chose; its warnings, which it recovers
 from by retrying, show from info (issue 13)."""
 
