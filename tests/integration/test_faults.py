@@ -236,7 +236,10 @@ def check_promise(settings: Settings, load: Load) -> dict[str, int]:
     """Exactly one prediction per query id on the raw topic, and stored weights equal to a
     replay of the feedback. Returns counts for the test to report."""
     load.stop_sending()
-    wait_for(load.all_answered, 120, "a prediction for every query", interval=0.2)
+    try:
+        wait_for(load.all_answered, 120, "a prediction for every query", interval=0.2)
+    except AssertionError:
+        raise AssertionError(unanswered(settings, load)) from None
     # every query acknowledged: nothing left that could be redelivered and answered again
     wait_for(lambda: group_caught_up(settings, topics.QUERIES), 60, "query offsets committed")
     load.reading.clear()
@@ -305,6 +308,34 @@ def kind(request: pytest.FixtureRequest) -> str:
     """personalised: one state per user; shared: one state for the app, whose queries still
     carry users (and so, keyed by query id, spread over every partition and worker)."""
     return request.param
+
+
+def unanswered(settings: Settings, load: Load) -> str:
+    """Where the queries without a prediction are, to tell a lost query from a slow one."""
+    with load.lock:
+        missing = set(load.truth) - set(load.seen)
+    where: Counter[int] = Counter()
+    first: dict[int, int] = {}
+    consumer = Consumer(settings.kafka(**{"group.id": f"t-{time.time_ns()}"}))
+    try:
+        md = consumer.list_topics(topics.QUERIES, timeout=10).topics[topics.QUERIES]
+        consumer.assign([TopicPartition(topics.QUERIES, p, 0) for p in md.partitions])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            for msg in consume_ready(consumer, 1000, 0.5):
+                if msg.error() is None and msg.key() and msg.key().decode() in missing:
+                    where[msg.partition()] += 1
+                    first.setdefault(msg.partition(), msg.offset())
+        committed = consumer.committed(
+            [TopicPartition(topics.QUERIES, p) for p in md.partitions], timeout=10
+        )
+    finally:
+        consumer.close()
+    return (
+        f"{len(missing)} of {len(load.truth)} queries have no prediction; by partition "
+        f"{dict(where)}, first offsets {first}; committed "
+        f"{ {tp.partition: tp.offset for tp in committed} }"
+    )
 
 
 def register(settings: Settings, app: str, kind: str) -> str:
