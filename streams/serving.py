@@ -29,6 +29,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from models.registry import Registry
 from streams import dedup, topics
 from streams.config import Settings
+from streams.handover import Handover
 from streams.kafka_util import consume_ready, group_session_timeout_ms
 from streams.pipeline import Pipeline, now_us
 from streams.sensors import Sensor
@@ -72,17 +73,13 @@ class ServingLoop:
         self.view = StateView(sensor=self.sensor)
         self.tail = ChangelogTail(settings, self.view)
         self.pipeline = Pipeline(settings, registry, self.producer, self.view, sensor=self.sensor)
+        self.handover = Handover(self.pipeline, restore=settings.dedup)
         self.consumer: Consumer | None = None
         self.session_timeout_ms = settings.session_timeout_ms
         self.stopping = threading.Event()
         self.ready = threading.Event()  # assigned and serving at least once
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="serving", daemon=True)
-        #: query partitions assigned and restored
-        self.serving: set[int] = set()
-        #: query partitions assigned, waiting for their restore
-        self.restoring: set[int] = set()
-        self._epoch = 0
         self._restores: queue.SimpleQueue[tuple[int, str, set[int], list[Any], float]] = (
             queue.SimpleQueue()
         )
@@ -213,7 +210,7 @@ class ServingLoop:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {tp.partition for tp in partitions if tp.topic == topics.QUERIES}
-        self.pipeline.freeze(revoked)
+        self.handover.revoked(revoked)
         left = self.producer.flush(10)
         if left:
             log.error("%d records not delivered before partitions were revoked", left)
@@ -222,53 +219,42 @@ class ServingLoop:
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         lost = {tp.partition for tp in partitions if tp.topic == topics.QUERIES}
-        dropped = self.pipeline.drop(lost)
-        self.serving -= lost
-        self.restoring -= lost
+        dropped = self.handover.lost(lost)
         log.warning("partitions lost: %s (%d pending queries dropped)", sorted(lost), dropped)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         assigned = {tp.partition for tp in partitions if tp.topic == topics.QUERIES}
-        before = self.serving | self.restoring
-        kept = assigned & self.serving
-        lost = before - assigned
-        new = assigned - self.serving
-        self._epoch += 1
-        dropped = self.pipeline.drop(lost)
-        self.pipeline.thaw(kept, now_us())
-        self.serving = kept
-        self.restoring = new
+        plan = self.handover.assigned(assigned, now_us())
         offsets = self.pipeline.offsets
         placed = []
         for tp in partitions:
-            position = offsets.position(tp.topic, tp.partition) if tp.partition in kept else None
+            # a partition kept goes on from where this worker was, not from its last commit
+            position = (
+                offsets.position(tp.topic, tp.partition) if tp.partition in plan.kept else None
+            )
             placed.append(
                 TopicPartition(tp.topic, tp.partition, position) if position is not None else tp
             )
         consumer.assign(placed)
-        if new:
-            if self.settings.dedup:
-                # queries wait for the predictions already made for them; feedback waits
-                # for the answers it needs as well
-                consumer.pause(
-                    [TopicPartition(t, p) for p in new for t in (topics.QUERIES, topics.FEEDBACK)]
-                )
-                threading.Thread(
-                    target=self._restore,
-                    args=(self._epoch, set(new)),
-                    name="restore",
-                    daemon=True,
-                ).start()
-            else:
-                self.serving |= new
-                self.restoring -= new
+        if plan.new and self.settings.dedup:
+            # queries wait for the predictions already made for them; feedback waits for the
+            # answers it needs as well
+            consumer.pause(
+                [TopicPartition(t, p) for p in plan.new for t in (topics.QUERIES, topics.FEEDBACK)]
+            )
+            threading.Thread(
+                target=self._restore,
+                args=(plan.epoch, set(plan.new)),
+                name="restore",
+                daemon=True,
+            ).start()
         log.warning(
             "partitions assigned: %s (kept %s, new %s; given up %s, %d pending dropped)",
             sorted(assigned),
-            sorted(kept),
-            sorted(new),
-            sorted(lost),
-            dropped,
+            sorted(plan.kept),
+            sorted(plan.new),
+            sorted(plan.lost),
+            plan.dropped,
         )
         self.ready.set()
 
@@ -295,14 +281,12 @@ class ServingLoop:
                 epoch, what, partitions, found, seconds = self._restores.get_nowait()
             except queue.Empty:
                 return
-            if epoch != self._epoch or self.consumer is None:
+            if self.consumer is None or not self.handover.restored(
+                epoch, what == "recent", partitions, found
+            ):
                 continue  # another rebalance came: its own restore covers these partitions
-            self.pipeline.restore(found)
             resume = topics.QUERIES if what == "recent" else topics.FEEDBACK
             self.consumer.resume([TopicPartition(resume, p) for p in partitions])
-            if what == "recent":
-                self.serving |= partitions
-                self.restoring -= partitions
             log.warning(
                 "restored %d %s predictions of partitions %s in %.2f s",
                 len(found),

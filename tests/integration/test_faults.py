@@ -321,8 +321,14 @@ def unanswered(settings: Settings, load: Load) -> str:
         md = consumer.list_topics(topics.QUERIES, timeout=10).topics[topics.QUERIES]
         consumer.assign([TopicPartition(topics.QUERIES, p, 0) for p in md.partitions])
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(topics.QUERIES, p), timeout=10)[1]
+            for p in md.partitions
+        }
+        while time.monotonic() < deadline and any(ends.values()):
             for msg in consume_ready(consumer, 1000, 0.5):
+                if msg.error() is None and msg.offset() + 1 >= ends.get(msg.partition(), 0):
+                    ends[msg.partition()] = 0
                 if msg.error() is None and msg.key() and msg.key().decode() in missing:
                     where[msg.partition()] += 1
                     first.setdefault(msg.partition(), msg.offset())
@@ -331,10 +337,13 @@ def unanswered(settings: Settings, load: Load) -> str:
         )
     finally:
         consumer.close()
+    reasons: Counter[str] = Counter()
+    for letter in read_all(settings, topics.DEADLETTER, "DeadLetter", 30):
+        reasons[f"{letter['stage']}: {letter['reason'][:80]}"] += 1
     return (
         f"{len(missing)} of {len(load.truth)} queries have no prediction; by partition "
         f"{dict(where)}, first offsets {first}; committed "
-        f"{ {tp.partition: tp.offset for tp in committed} }"
+        f"{ {tp.partition: tp.offset for tp in committed} }; dead letters {dict(reasons)}"
     )
 
 
