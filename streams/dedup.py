@@ -54,12 +54,10 @@ log = logging.getLogger("clipstream.dedup")
 
 @dataclass
 class Restored:
-    """What one restore read: predictions seen, per partition where the read started."""
+    """What one restore read: predictions seen, and how long it took."""
 
     predictions: int = 0
-    remembered: int = 0
     seconds: float = 0.0
-    starts: dict[int, int] | None = None
 
 
 def key_function(registry: Registry) -> Callable[[Mapping[str, Any]], str]:
@@ -206,7 +204,7 @@ def read(
     memory entry (blocking I/O: the worker runs it in a thread and applies the result with
     ``Pipeline.restore``)."""
     started = time.monotonic()
-    done = Restored(starts={p: start for p, (start, _) in ranges.items()})
+    done = Restored()
     found: list[tuple[str, Remembered | None]] = []
     ends = {p: end for p, (start, end) in ranges.items() if start < end}
     if not ends:
@@ -232,7 +230,6 @@ def read(
                 remembered = remembered_from(record, key_of(record))
                 found.append((record["query_id"], remembered))
                 done.predictions += 1
-                done.remembered += remembered is not None
         if ends:
             raise TimeoutError(f"predictions partitions {sorted(ends)} not read within 300 s")
     finally:
