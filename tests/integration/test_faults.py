@@ -448,12 +448,13 @@ def test_a_worker_killed_is_replaced_within_seconds(kafka_settings, processes, k
         killed_us = time.time_ns() // 1000
         doomed.kill()
         progress(load, 1500, timeout=180)
+        restarted_us = time.time_ns() // 1000
         processes("worker-2-again", "worker")
         progress(load, 1500, timeout=180)
         assert len(load.held) >= 300
         load.hold_feedback.clear()
         stats = check_promise(kafka_settings, load)
-    hole = failover_hole(kafka_settings, load, killed_us)
+    hole = failover_hole(kafka_settings, load, killed_us, restarted_us)
     print(f"{app}: failover {hole}")
     # every partition served again within seconds (Faust's group took 10 s + its rebalance)
     assert hole["longest_gap_ms"] < 8_000, hole
@@ -463,9 +464,13 @@ def test_a_worker_killed_is_replaced_within_seconds(kafka_settings, processes, k
     assert stats["queries"] >= 4000
 
 
-def failover_hole(settings: Settings, load: Load, killed_us: int) -> dict[str, float]:
-    """Per query partition, the longest time without a prediction around the kill, and
-    which queries got the default: the hole a crashed worker leaves."""
+def failover_hole(
+    settings: Settings, load: Load, killed_us: int, restarted_us: int
+) -> dict[str, float]:
+    """Per query partition, the longest time without a prediction after the kill, and which
+    queries got the default: the hole a crashed worker leaves. Queries after the dead
+    worker's replacement started are not counted: its start-up (seconds of CPU for Python's
+    imports on this 2-core machine) and the rebalance it brings are another event."""
     ours = [
         r
         for r in read_all(settings, topics.PREDICTIONS, "Prediction", 30)
@@ -499,7 +504,7 @@ def failover_hole(settings: Settings, load: Load, killed_us: int) -> dict[str, f
     gaps, takeover = {}, {}
     for p, records in by_partition.items():
         stamps = sorted(r["emitted_at_us"] for r in records)
-        after = [t for t in stamps if t >= killed_us]
+        after = [t for t in stamps if killed_us <= t < restarted_us]
         before = [t for t in stamps if t < killed_us]
         if not after:
             continue
@@ -509,11 +514,13 @@ def failover_hole(settings: Settings, load: Load, killed_us: int) -> dict[str, f
         # when the partition was served again: the first emit after its longest pause
         i = max(range(1, len(window)), key=lambda k: window[k] - window[k - 1], default=0)
         takeover[p] = window[i]
+    served_again = max(takeover.values(), default=killed_us)
     late_defaults = [
         r
         for r in ours
         if r["default"]
-        and r["sent_at_us"] + DEADLINE_MS * 1000 > max(takeover.values(), default=killed_us)
+        and r["sent_at_us"] + DEADLINE_MS * 1000 > served_again
+        and r["sent_at_us"] < restarted_us
     ]
     defaults = [r for r in ours if r["default"]]
     return {
@@ -521,6 +528,7 @@ def failover_hole(settings: Settings, load: Load, killed_us: int) -> dict[str, f
         "gaps_ms": {p: round(g / 1000) for p, g in sorted(gaps.items())},
         "defaults": len(defaults),
         "defaults_after_takeover": len(late_defaults),
+        "served_again_ms_after_kill": round((served_again - killed_us) / 1000),
         "first_default_ms_after_kill": round(
             (min((r["sent_at_us"] for r in defaults), default=killed_us) - killed_us) / 1000
         ),
