@@ -209,7 +209,7 @@ class Replica:
                     # a crashed replica's batches move to the others after this long
                     "session.timeout.ms": session_ms,
                     "heartbeat.interval.ms": max(100, session_ms // 4),
-                    "fetch.wait.max.ms": 5,
+                    "fetch.wait.max.ms": 100,
                 }
             )
         )

@@ -152,7 +152,7 @@ class PredictionReader:
                     "group.id": group_id or f"clipstream-reader-{uuid.uuid4().hex}",
                     "enable.auto.commit": group_id is not None,
                     "auto.offset.reset": "earliest" if from_beginning else "latest",
-                    "fetch.wait.max.ms": 5,
+                    "fetch.wait.max.ms": 100,
                     "enable.partition.eof": False,
                 }
             )

@@ -106,7 +106,7 @@ class ServingLoop:
                     "auto.offset.reset": "earliest",
                     "session.timeout.ms": self.session_timeout_ms,
                     "heartbeat.interval.ms": max(100, self.session_timeout_ms // 4),
-                    "fetch.wait.max.ms": 5,
+                    "fetch.wait.max.ms": 100,
                     "enable.partition.eof": False,
                     "on_commit": self._on_commit,
                 }

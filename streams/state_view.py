@@ -84,7 +84,7 @@ class ChangelogTail:
                     "group.id": f"clipstream-state-{uuid.uuid4().hex}",
                     "enable.auto.commit": False,
                     "enable.partition.eof": False,
-                    "fetch.wait.max.ms": 10,
+                    "fetch.wait.max.ms": 100,
                 }
             )
         )

@@ -57,13 +57,14 @@ def prediction_for(query: dict[str, Any], label: str | None, score: float | None
 
 def loop_clients(settings: Settings, group: str) -> tuple[Consumer, Producer]:
     """The consumer and producer of a hand-written loop, tuned like clipstream's own
-    clients (short fetch wait, 1 ms linger) so the comparison is about the loop."""
+    clients (a fetch waits at most 100 ms for data that is not there, 1 ms linger) so the
+    comparison is about the loop."""
     consumer = Consumer(
         settings.kafka(
             **{
                 "group.id": group,
                 "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 5,
+                "fetch.wait.max.ms": 100,
                 "enable.partition.eof": False,
             }
         )
