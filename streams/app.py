@@ -107,9 +107,14 @@ class Worker:
 
         @app.agent(observations, name="learn")
         async def learn(stream: Any) -> None:
-            # With the bulk path (the default) the consumer hands observations to
-            # on_observation_messages and this agent only declares the subscription.
-            async for events in stream.take_events(1000, within=0.01):
+            if self.settings.bulk_learn:
+                # the consumer hands observations to on_observation_messages; this agent
+                # only declares the subscription (and waits without a timer: take's
+                # `within` woke the event loop 100 times a second for nothing)
+                async for _event in stream.events():
+                    pass
+                return
+            async for events in stream.take_events(1000, within=0.05):
                 self.learner.apply(
                     [
                         (e.message.key, e.message.value, e.message.partition, e.message.offset)

@@ -123,7 +123,13 @@ def parse_feedback(body: Any) -> dict[str, Any]:
 
 
 class PredictionWaiter:
-    """One consumer of every predictions partition, from the end, resolving futures by id."""
+    """One consumer of every predictions partition, resolving futures by query id.
+
+    It reads only while REST requests wait: after ``IDLE_S`` with none it pauses (so an
+    idle gateway does not read every prediction of the cluster), and the next request first
+    has it go on from the current end of each partition, before its query is sent."""
+
+    IDLE_S = 5.0
 
     def __init__(self, settings: Settings) -> None:
         self.reader = PredictionReader(settings, sensor=Prometheus())
@@ -131,15 +137,26 @@ class PredictionWaiter:
         self._waiting: dict[bytes, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        #: set while the reader reads from where every waiting query's prediction will be
+        self._active = threading.Event()
+        self._active.set()
+        self._wake = threading.Event()
+        self._last_wait = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="gateway-predictions", daemon=True)
         self._thread.start()
 
-    def expect(self, qid: str) -> asyncio.Future[dict[str, Any]]:
+    async def expect(self, qid: str) -> asyncio.Future[dict[str, Any]]:
         """Register interest before the query is sent, so its answer cannot be missed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
         with self._lock:
             self._waiting[qid.encode()] = (loop, future)
+            self._last_wait = time.monotonic()
+            idle = not self._active.is_set()
+            if idle:
+                self._wake.set()
+        if idle and not await asyncio.to_thread(self._active.wait, 30):
+            raise TimeoutError("the predictions reader did not resume")
         return future
 
     def forget(self, qid: str) -> None:
@@ -148,6 +165,12 @@ class PredictionWaiter:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if not self._active.is_set():
+                if self._wake.wait(0.02):
+                    self._wake.clear()
+                    self.reader.resume_at_end()
+                    self._active.set()
+                continue
             try:
                 # The reader tests each key against _waiting without the lock: a dict
                 # membership test is atomic, and an id added meanwhile was not sent yet.
@@ -161,6 +184,10 @@ class PredictionWaiter:
                 if waiting is not None:
                     loop, future = waiting
                     loop.call_soon_threadsafe(_resolve, future, record)
+            with self._lock:
+                if not self._waiting and time.monotonic() - self._last_wait > self.IDLE_S:
+                    self.reader.pause()
+                    self._active.clear()
 
     def close(self) -> None:
         self._stop.set()
@@ -223,7 +250,7 @@ class Gateway:
             return 400, {"error": str(exc)}
         qid = query.pop("query_id") or uuid.uuid4().hex
         deadline_ms = query["deadline_ms"] or app["deadline_ms"]
-        future = self.waiter.expect(qid)
+        future = await self.waiter.expect(qid)
         sent_at_us = time.time_ns() // 1000
         try:
             self.client.send_query(app_name, query_id=qid, **query)

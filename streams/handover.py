@@ -34,6 +34,8 @@ class Handover:
         self.restore = restore
         #: assigned and restored: queries flow
         self.serving: set[int] = set()
+        #: serving, and the answers their feedback needs restored too: feedback flows
+        self.learning: set[int] = set()
         #: assigned, waiting for their restore
         self.restoring: set[int] = set()
         self.epoch = 0
@@ -45,27 +47,33 @@ class Handover:
         """Taken away without a revocation (the session expired): drop everything."""
         lost = set(partitions)
         self.serving -= lost
+        self.learning -= lost
         self.restoring -= lost
         return self.pipeline.drop(lost)
 
     def assigned(self, partitions: Iterable[int], now: int) -> Assignment:
         assigned = set(partitions)
         self.epoch += 1
+        # a partition whose restore (of either part) did not finish is restored again
         out = Assignment(
             self.epoch,
-            kept=assigned & self.serving,
-            new=assigned - self.serving,
+            kept=assigned & self.learning,
+            new=assigned - self.learning,
             lost=(self.serving | self.restoring | self.pipeline.frozen) - assigned,
         )
-        out.dropped = self.pipeline.drop(out.lost)
+        # given up, or read again from their committed offset after a new restore: what
+        # is pending of them is forgotten (and answered when read again)
+        out.dropped = self.pipeline.drop(out.lost | (out.new & self.serving))
         # kept: emit what they held; new: nothing of theirs is pending, but a partition whose
         # restore was interrupted was frozen too
         self.pipeline.thaw(assigned, now)
         self.serving = set(out.kept)
+        self.learning = set(out.kept)
         if self.restore:
             self.restoring = set(out.new)
         else:
             self.serving |= out.new
+            self.learning |= out.new
             self.restoring = set()
         return out
 
@@ -77,4 +85,6 @@ class Handover:
         if recent:
             self.serving |= partitions & self.restoring
             self.restoring -= partitions
+        else:
+            self.learning |= partitions & self.serving
         return True

@@ -175,6 +175,21 @@ class PredictionReader:
         self.malformed = 0
         self._dead_letters: Producer | None = None
 
+    def pause(self) -> None:
+        """Stop fetching (a reader with nobody waiting costs the broker and this process
+        nothing while paused)."""
+        self.consumer.pause(self.consumer.assignment())
+
+    def resume_at_end(self) -> None:
+        """Go on from the current end of every partition: predictions produced from here on
+        are seen, those produced while paused are skipped."""
+        placed = []
+        for tp in self.consumer.assignment():
+            _, high = watermarks(self.consumer, TopicPartition(tp.topic, tp.partition), 30)
+            placed.append(TopicPartition(tp.topic, tp.partition, high))
+        self.consumer.assign(placed)
+        self.consumer.resume(placed)  # librdkafka keeps a partition's pause across assign()
+
     def poll(
         self, timeout: float = 0.1, max_records: int = 1000, keys: Container[bytes] | None = None
     ) -> list[dict[str, Any]]:

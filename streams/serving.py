@@ -236,6 +236,9 @@ class ServingLoop:
                 TopicPartition(tp.topic, tp.partition, position) if position is not None else tp
             )
         consumer.assign(placed)
+        # librdkafka keeps a partition's pause across assign(): partitions served on must not
+        # stay paused from a restore an earlier rebalance cut short
+        consumer.resume([tp for tp in placed if tp.partition not in plan.new])
         if plan.new and self.settings.dedup:
             # queries wait for the predictions already made for them; feedback waits for the
             # answers it needs as well

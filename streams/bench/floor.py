@@ -94,14 +94,15 @@ def run(settings: Settings, prefix: str, stop: list[bool]) -> None:
             for msg in consume_ready(consumer, 1000, 0.05):
                 if msg.error():
                     continue
+                # no key on its own hops: nothing needs a query on a given partition there,
+                # and unkeyed records batch (librdkafka's sticky partitioner), as the
+                # cheapest relay over these topics would
                 to = nxt.get(msg.topic())
                 if to is not None:
-                    producer.produce(to, msg.value(), msg.key())
+                    producer.produce(to, msg.value())
                 else:
                     query = codec.decode("Query", msg.value())
-                    producer.produce(
-                        names["predictions"], prediction_for(query, None, None), msg.key()
-                    )
+                    producer.produce(names["predictions"], prediction_for(query, None, None))
             producer.poll(0)
     finally:
         producer.flush(5)

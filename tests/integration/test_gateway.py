@@ -360,7 +360,7 @@ def test_the_gateway_decodes_only_the_predictions_it_waits_for(deployed: Setting
     waiter = PredictionWaiter(deployed)
 
     async def wait_for_mine() -> dict:
-        future = waiter.expect("mine")
+        future = await waiter.expect("mine")
         produce_predictions(
             deployed,
             [
@@ -379,5 +379,26 @@ def test_the_gateway_decodes_only_the_predictions_it_waits_for(deployed: Setting
         assert waiter.reader.malformed == 1
         assert not waiter.reader.seen.first_time("mine")
         assert waiter.reader.seen.first_time("someone-else-2")  # never decoded
+    finally:
+        waiter.close()
+
+
+def test_an_idle_gateway_stops_reading_and_resumes_for_the_next_request(deployed: Settings) -> None:
+    waiter = PredictionWaiter(deployed)
+    waiter.IDLE_S = 0.2
+    try:
+        wait_for(lambda: not waiter._active.is_set(), 10, "the idle reader to pause")
+        # produced while nobody waits: never read (the reader goes on from the end)
+        produce_predictions(deployed, [(b"while-idle", prediction("while-idle"))])
+
+        async def next_request() -> dict:
+            future = await waiter.expect("after-idle")
+            assert waiter._active.is_set()  # reading again before the query goes out
+            produce_predictions(deployed, [(b"after-idle", prediction("after-idle", "4"))])
+            return await asyncio.wait_for(future, 30)
+
+        answer = asyncio.run(next_request())
+        assert (answer["query_id"], answer["label"]) == ("after-idle", "4")
+        assert waiter.reader.seen.first_time("while-idle")  # skipped, never decoded
     finally:
         waiter.close()

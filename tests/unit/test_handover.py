@@ -20,6 +20,14 @@ def test_a_restore_cut_short_by_a_rebalance_is_redone_and_its_partitions_then_se
     assert not handover.restored(first.epoch, True, {0, 1, 2, 3}, [])  # too late: ignored
     assert handover.restored(second.epoch, True, {0, 1}, [])
     assert handover.serving == {0, 1} and not handover.restoring
+    # the answers feedback needs come later; a rebalance before that restores again
+    assert not handover.learning
+    handover.revoked({0, 1})
+    third = handover.assigned({0, 1}, now_us())
+    assert third.new == {0, 1} and not third.kept
+    assert handover.restored(third.epoch, True, {0, 1}, [])
+    assert handover.restored(third.epoch, False, {0, 1}, [])
+    assert handover.learning == {0, 1}
     # its queries are answered (they were once held for good: the partitions stayed frozen)
     pipe.on_queries([query("q", partition=0, deadline_ms=60_000)], now_us())
     pipe.tick(now_us())
