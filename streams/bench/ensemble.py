@@ -245,6 +245,8 @@ def summary_line(figures: dict[str, Any]) -> str:
     if fb is not None:
         parts["feedback_applied_per_s"] = fmt(fb["burst"]["applied_per_s"], 0)
         parts["cpu_us_per_feedback"] = fmt(fb["cpu_us_per_feedback"], 0)
+        stale = fb["with_feedback"].cost.get("state_staleness_ms") or {}
+        parts["state_staleness_p99_ms"] = fmt(stale.get("p99"), 1)
     return "bench: " + " ".join(f"{k}={v}" for k, v in parts.items())
 
 
@@ -312,6 +314,7 @@ def feedback_table(figures: dict[str, Any]) -> Table:
         "workers CPU s",
         "workers CPU us/q",
         "feedback dead letters",
+        "state staleness p50/p99 ms",
         title=f"feedback at {fb['rate']:.0f} q/s; extra workers CPU per feedback record: "
         + ("na" if extra is None else f"{extra:.0f} us"),
     )
@@ -333,5 +336,11 @@ def feedback_table(figures: dict[str, Any]) -> Table:
             f"{cpu:.2f}",
             f"{cpu * 1e6 / answered:.0f}" if answered else "-",
             str(dead.get("feedback", 0)),
+            _staleness(cost),
         )
     return t
+
+
+def _staleness(cost: dict[str, Any]) -> str:
+    stale = cost.get("state_staleness_ms")
+    return "-" if not stale else f"{stale['p50']:.1f}/{stale['p99']:.1f}"

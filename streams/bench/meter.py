@@ -20,7 +20,7 @@ from streams import codec, topics
 from streams.bench.cpu import children_of, cpu_seconds, pid_listening_on
 from streams.config import Settings
 from streams.kafka_util import consume_ready
-from streams.status import Samples, delta, scrape, select
+from streams.status import Samples, delta, quantile, scrape, select
 
 #: roles of the watched processes: the system's own, and what every system shares
 SYSTEM, BROKER, LOADGEN = "system", "broker", "loadgen"
@@ -142,6 +142,21 @@ def phase_figures(
             }
             for n, q in queries.items()
         }
+        # how far behind the selection states each worker chooses from are (the changelog
+        # record's timestamp to the worker reading it), over all workers
+        buckets: dict[float, float] = {}
+        for c in counts.values():
+            for labels, v in select(
+                c, "clipstream_selection_state_staleness_seconds_bucket"
+            ).items():
+                bound = float(dict(labels)["le"])
+                buckets[bound] = buckets.get(bound, 0.0) + v
+        if buckets and max(buckets.values()) > 0:
+            out["state_staleness_ms"] = {
+                "updates_read": int(max(buckets.values())),
+                "p50": 1000 * (quantile(0.5, buckets) or 0.0),
+                "p99": 1000 * (quantile(0.99, buckets) or 0.0),
+            }
         results = {
             r: sum(_sum(c, "clipstream_feedback_total", result=r) for c in counts.values())
             for r in FEEDBACK_RESULTS

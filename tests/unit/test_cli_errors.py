@@ -1,7 +1,7 @@
 """Every failure at the command line is one line on stderr, what went wrong and what to do,
 with exit code 1 (2 for a usage error); ``--log-level debug`` adds the traceback (issue 15).
 The paths here need no broker: no cluster configured, one that does not answer, bad flags.
-Paths that need a broker are in tests/integration/test_cli_errors.py."""
+Paths that need a broker are in tests/integration/test_cli_errors_live.py."""
 
 from __future__ import annotations
 
