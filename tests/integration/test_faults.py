@@ -13,7 +13,6 @@ whose queries carry users all the same and so spread over every partition).
 from __future__ import annotations
 
 import itertools
-import json
 import threading
 import time
 from collections import Counter
@@ -34,13 +33,18 @@ from streams.kafka_util import consume_ready
 from streams.replay import replay
 from streams.sdk import Client, PredictionReader
 from tests.conftest import wait_for
-from tests.integration.helpers import read_all, wait_until_serving
+from tests.integration.helpers import (
+    group_caught_up,
+    learnt_everything,
+    read_all,
+    stored_states,
+    wait_until_serving,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 MODELS = ["digits-logreg", "digits-weak"]
 USERS = [f"u{i}" for i in range(8)]
-CHANGELOG = topics.SELECTION_CHANGELOG
 RATE = 300.0  # queries a second, each followed by its feedback
 DEADLINE_MS = 2000
 
@@ -167,64 +171,6 @@ class Load:
     def all_answered(self) -> bool:
         with self.lock:
             return set(self.truth) <= set(self.seen)
-
-
-def group_caught_up(settings: Settings, topic: str, group: str = topics.SERVING_GROUP) -> bool:
-    """True once ``group`` has committed every offset of ``topic``."""
-    consumer = Consumer(settings.kafka(**{"group.id": group, "enable.auto.commit": False}))
-    try:
-        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        tps = [TopicPartition(topic, p) for p in parts]
-        for c in consumer.committed(tps, timeout=10):
-            high = consumer.get_watermark_offsets(TopicPartition(topic, c.partition), timeout=10)[1]
-            if high > 0 and c.offset < high:
-                return False
-        return True
-    except Exception:  # the broker may be restarting: not caught up yet
-        return False
-    finally:
-        consumer.close()
-
-
-def learnt_everything(settings: Settings) -> bool:
-    """Every feedback record joined to its answers by the serving group, and every
-    observation folded into its key's state by the learning (Faust) group."""
-    return group_caught_up(settings, topics.FEEDBACK) and group_caught_up(
-        settings, topics.OBSERVATIONS, topics.FAUST_APP
-    )
-
-
-def stored_states(settings: Settings, app: str) -> tuple[dict[str, dict], dict[str, set[int]]]:
-    """Selection key -> its last state on the table's changelog (what a restarted worker
-    recovers), and the changelog partitions each key was ever written to."""
-    latest: dict[str, dict] = {}
-    written: dict[str, set[int]] = {}
-    consumer = Consumer(
-        settings.kafka(**{"group.id": f"test-{time.time_ns()}", "enable.auto.commit": False})
-    )
-    try:
-        parts = consumer.list_topics(CHANGELOG, timeout=10).topics[CHANGELOG].partitions
-        ends, assignment = {}, []
-        for p in parts:
-            low, high = consumer.get_watermark_offsets(TopicPartition(CHANGELOG, p), timeout=10)
-            if high > low:
-                ends[p] = high
-                assignment.append(TopicPartition(CHANGELOG, p, low))
-        consumer.assign(assignment)
-        deadline = time.monotonic() + 30
-        while ends and time.monotonic() < deadline:
-            for msg in consume_ready(consumer, 1000, 0.2):
-                if msg.error():
-                    continue
-                key = msg.key().decode()  # the table's keys are the selection keys' bytes
-                if key.split("|")[0] == app and msg.value() is not None:
-                    latest[key] = json.loads(msg.value())
-                    written.setdefault(key, set()).add(msg.partition())
-                if msg.offset() + 1 >= ends.get(msg.partition(), 0):
-                    ends.pop(msg.partition(), None)
-    finally:
-        consumer.close()
-    return latest, written
 
 
 def stored_weights(settings: Settings, app: str) -> dict[str, dict[str, float]]:

@@ -15,8 +15,12 @@ from streams import topics
 from streams.replay import replay
 from streams.sdk import Client, PredictionReader
 from tests.conftest import wait_for
-from tests.integration.helpers import collect, wait_until_serving
-from tests.integration.test_faults import learnt_everything, stored_states
+from tests.integration.helpers import (
+    collect,
+    learnt_everything,
+    stored_states,
+    wait_until_serving,
+)
 
 pytestmark = pytest.mark.integration
 
