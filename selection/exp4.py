@@ -12,11 +12,13 @@ Two choices beyond the textbook:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from selection.logweights import normalise, resized, to_probs
+from selection.logweights import LOG_FLOOR, resized, to_probs
 
 
 class Exp4:
@@ -43,19 +45,32 @@ class Exp4:
             self._weights = self.weights().tolist()
         return self._weights
 
-    def update(self, losses: np.ndarray, mask: np.ndarray | None = None) -> None:
-        losses = np.clip(np.asarray(losses, dtype=np.float64), 0.0, 1.0)
-        if mask is None:
-            mask = np.ones(self.n_experts, dtype=bool)
-        mask = np.asarray(mask, dtype=bool)
-        if not mask.any():
+    def update(
+        self, losses: Sequence[float] | np.ndarray, mask: Sequence[bool] | np.ndarray | None = None
+    ) -> None:
+        """One round: each expert's loss in [0, 1]; ``mask`` marks the experts that
+        answered. In plain floats: a handful of experts, where numpy's per-call overhead
+        would cost more than the arithmetic (feedback arrives at the query rate)."""
+        n = self.n_experts
+        values = [min(1.0, max(0.0, float(x))) for x in losses]
+        present = [bool(m) for m in mask] if mask is not None else [True] * n
+        seen = [v for v, p in zip(values, present, strict=True) if p]
+        if not seen:
             return
-        charged = np.where(mask, losses, losses[mask].mean())
-        self.logw -= self.eta * charged
+        absent = sum(seen) / len(seen)
+        eta = self.eta
+        logw = [
+            lw - eta * (v if p else absent)
+            for lw, v, p in zip(self.logw.tolist(), values, present, strict=True)
+        ]
         if self.share > 0:
-            w = (1.0 - self.share) * to_probs(self.logw) + self.share / self.n_experts
-            self.logw = np.log(w)
-        normalise(self.logw)
+            top = max(logw)
+            w = [math.exp(x - top) for x in logw]
+            total = sum(w)
+            keep, spread = 1.0 - self.share, self.share / n
+            logw = [math.log(keep * x / total + spread) for x in w]
+        top = max(logw)
+        self.logw = np.array([max(x - top, -LOG_FLOOR) for x in logw], dtype=np.float64)
         self._weights = None
 
     def resize(self, keep: list[int | None]) -> None:

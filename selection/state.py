@@ -104,8 +104,8 @@ class SelectionState:
                         prob = float(self.algo.probabilities()[self.models.index(model)])
                     self.algo.update(self.models.index(model), loss(label), prob)
         elif isinstance(self.algo, Exp4):
-            losses = np.zeros(len(self.models))
-            mask = np.zeros(len(self.models), dtype=bool)
+            losses = [0.0] * len(self.models)
+            mask = [False] * len(self.models)
             for model, label in answers.items():
                 if model in self.models:
                     i = self.models.index(model)

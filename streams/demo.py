@@ -27,15 +27,16 @@ DEMO_MODELS = ("digits-logreg", "digits-forest", "digits-svc")
 
 
 @contextlib.contextmanager
-def kafka(settings: Settings, workdir: Path) -> Iterator[Settings]:
-    """The configured cluster, else an embedded broker for the duration of the block."""
+def kafka(settings: Settings, workdir: Path, peak: bool = False) -> Iterator[Settings]:
+    """The configured cluster, else an embedded broker for the duration of the block
+    (``peak``: tuned for sustained load rather than a quick start)."""
     if settings.bootstrap:
         yield settings
         return
-    from streams.broker import EmbeddedBroker
+    from streams.broker import PEAK_JIT, EmbeddedBroker
 
     console.print("starting the embedded Kafka broker (first run resolves its jars) ...")
-    broker = EmbeddedBroker(data_dir=workdir / "kafka")
+    broker = EmbeddedBroker(data_dir=workdir / "kafka", jvm_options=PEAK_JIT if peak else ())
     broker.start()
     try:
         settings.bootstrap = broker.bootstrap

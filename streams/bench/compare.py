@@ -173,7 +173,8 @@ def measure(
                 name,
                 protocol,
                 X,
-                rate=plan.light_rate * 5,
+                # long and fast enough for the broker's JIT to compile what it runs hot
+                rate=max(plan.light_rate * 5, 2000.0),
                 duration_s=warm_broker_s,
                 warmup_s=0.0,
                 progress=lambda s, g: progress("broker warm-up (not counted)", -1, s, g),

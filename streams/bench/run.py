@@ -45,7 +45,7 @@ def run_bench(
         raise ValueError(f"unknown suite {suite!r}")
     plan = plan or Plan()
     workdir = workdir or Path(tempfile.mkdtemp(prefix="clipstream-bench-"))
-    with progress_bar() as progress, kafka(Settings.from_env(), workdir) as settings:
+    with progress_bar() as progress, kafka(Settings.from_env(), workdir, peak=True) as settings:
         figures = run_compare(settings, workdir, plan, progress, console.print)
     out = _write(figures, out or workdir / "bench.json")
     tables.print(report.table(figures))
@@ -104,7 +104,7 @@ def _write(figures: dict, out: Path) -> Path:
 
 def _run_ensemble(suite: str, plan: Plan, out: Path | None, workdir: Path | None) -> int:
     workdir = workdir or Path(tempfile.mkdtemp(prefix="clipstream-bench-"))
-    with progress_bar() as progress, kafka(Settings.from_env(), workdir) as settings:
+    with progress_bar() as progress, kafka(Settings.from_env(), workdir, peak=True) as settings:
         figures = ensemble.run_ensemble(settings, workdir, suite, plan, progress)
     out = _write(figures, out or workdir / "bench.json")
     tables.print(ensemble.sweep_table(figures))
