@@ -157,7 +157,9 @@ def feedback_phases(
             protocol,
             X,
             rate=plan.light_rate,
-            duration_s=plan.duration_s,
+            # long enough that the burst after it (one record per answer of A) is not
+            # dominated by what a worker costs whatever it does
+            duration_s=3 * plan.duration_s,
             warmup_s=plan.warmup_s,
             arrivals=plan.arrivals,
             deadline_ms=plan.deadline_ms,
