@@ -31,6 +31,9 @@ from streams.serving import ServingLoop
 
 log = logging.getLogger("clipstream.worker")
 
+#: how often folded selection states are written to the table (and so reach every worker)
+LEARN_FLUSH_S = 0.05
+
 
 class SelectionTable(faust.Table):
     """The selection table: a key's changelog partition is its observations' partition
@@ -94,6 +97,8 @@ class Worker:
             )
         )
         self.learner = Learner(self.table, self.registry, self.sensor, self._dead_letter)
+        #: observations folded in, to acknowledge once their states are written
+        self._unwritten: list[Any] = []
         self._closed = threading.Event()
         self._define_agents()
         if settings.bulk_learn:
@@ -121,9 +126,15 @@ class Worker:
                         for e in events
                     ]
                 )
+                self.learner.flush()  # take_events acknowledges the chunk when we return
+
+        @app.timer(LEARN_FLUSH_S)
+        async def write_states() -> None:
+            self.flush_learning()
 
         @app.on_partitions_revoked.connect
         async def revoked(app: Any, revoked: Any, **kwargs: Any) -> None:
+            self.flush_learning()
             self.learner.forget()
 
         @app.on_partitions_assigned.connect
@@ -141,6 +152,18 @@ class Worker:
 
     def on_observation_messages(self, messages: list[Any]) -> None:
         self.learner.apply([(m.key, m.value, m.partition, m.offset) for m in messages])
+        self._unwritten.extend(messages)
+        if len(self._unwritten) >= 1000:
+            self.flush_learning()
+
+    def flush_learning(self) -> None:
+        """Write the states folded into since the last time, then acknowledge their
+        observations: Faust's commit flushes its producer (the table's changelog) before
+        it commits their offsets, so an acknowledged observation is never lost."""
+        if not self._unwritten:
+            return
+        messages, self._unwritten = self._unwritten, []
+        self.learner.flush()
         consumer = self.app.consumer
         for m in messages:
             m.ack(consumer)

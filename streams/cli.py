@@ -730,6 +730,14 @@ def demo(rate: float, replicas: int, workdir: Path | None) -> None:
 @click.option(
     "--feedback", is_flag=True, help="ensemble: one feedback record per answered sweep query"
 )
+@click.option(
+    "--model-format",
+    type=click.Choice(["onnx", "skops"]),
+    default="onnx",
+    show_default=True,
+    help="ensemble, objective: serve the three models as ONNX (converted with skl2onnx) or "
+    "as scikit-learn skops files",
+)
 @click.option("--sweep", is_flag=True, help="also find each system's highest rate with p99<=SLO")
 @click.option("--slo-ms", type=float, default=50.0, show_default=True, help="p99 objective")
 @click.option("--sweep-start", type=float, default=250.0, show_default=True, help="first rate")
@@ -770,6 +778,7 @@ def bench(
     workers: int | None,
     deadline_ms: int | None,
     feedback: bool,
+    model_format: str,
     sweep: bool,
     slo_ms: float,
     sweep_start: float,
@@ -801,6 +810,7 @@ def bench(
         workers=workers or (2 if ensemble else 1),
         deadline_ms=deadline_ms or DEADLINES_MS.get(suite, 1000),
         feedback=feedback,
+        model_format=model_format,
     )
     sys.exit(
         run_bench(

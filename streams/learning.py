@@ -72,15 +72,19 @@ class Learner:
         self.recent: dict[int, deque[tuple[int, str, dict[str, Any]]]] = {}
         self.recent_size = recent
         self.counts = {"applied": 0, "replayed": 0, "snapshot": 0, "invalid": 0}
+        #: keys folded into and not yet written to the table
+        self._dirty: dict[str, SelectionState] = {}
 
     def forget(self) -> None:
-        """Partitions moved: states are read from the table again when next needed."""
+        """Partitions moved: states are read from the table again when next needed (what
+        was folded is written first: its observations are acknowledged only after)."""
+        self.flush()
         self.states.clear()
         self.recent.clear()
 
     def apply(self, records: Iterable[Record]) -> None:
-        """Fold a chunk of observations (in log order) and write each touched key once."""
-        touched: dict[str, SelectionState] = {}
+        """Fold a chunk of observations (in log order); ``flush`` writes what changed."""
+        touched = self._dirty
         applied: dict[str, int] = {}
         for record in records:
             key_bytes, value, partition, offset = record
@@ -120,14 +124,21 @@ class Learner:
                 self.counts["applied"] += 1
                 applied[decoded["app"]] = applied.get(decoded["app"], 0) + 1
             touched[key] = state
-        for key, state in touched.items():
+        for app_name, n in applied.items():
+            label = app_name if self.registry.app(app_name) is not None else UNKNOWN
+            self.sensor.on_feedback(label, "applied", n)
+
+    def flush(self) -> int:
+        """Write each key folded into since the last flush to the table, once: at low rates
+        a fetch holds one observation, and a table write (a changelog record every worker
+        reads) per observation cost far more than the fold. Returns the keys written."""
+        dirty, self._dirty = self._dirty, {}
+        for key, state in dirty.items():
             self.table[key.encode()] = state.to_state()
             app_name = key.split("|", 1)[0]
             if key == app_name and self.registry.app(app_name) is not None:
                 self.sensor.on_weights(app_name, state.weights())
-        for app_name, n in applied.items():
-            label = app_name if self.registry.app(app_name) is not None else UNKNOWN
-            self.sensor.on_feedback(label, "applied", n)
+        return len(dirty)
 
     def _state(self, key: str, app: Mapping[str, Any]) -> SelectionState:
         state = self.states.get(key)

@@ -60,6 +60,9 @@ class Plan:
     #: ensemble suites: users the personalised app serves, feedback with every answer
     users: int = 32
     feedback: bool = False
+    #: ensemble, objective: how the three models are deployed (onnx: converted from
+    #: scikit-learn with skl2onnx and served on onnxruntime; skops: scikit-learn itself)
+    model_format: str = "onnx"
 
 
 Progress = Callable[[str, int, int, int], None]  # (phase, total, sent, received)

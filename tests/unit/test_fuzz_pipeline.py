@@ -317,6 +317,7 @@ def test_feedback_is_observed_or_dead_lettered_and_weights_stay_finite(
     ]
     n = len(observations)
     learner.apply(observations + [(b"app", v, 0, n + i) for i, v in enumerate(bad_snapshots)])
+    learner.flush()
     assert learner.counts["applied"] == n
     assert len(learned) == len(bad_snapshots)
     if n:

@@ -58,6 +58,9 @@ def test_live_folding_in_chunks_equals_replay_bit_for_bit() -> None:
     log = records(stream(500))
     for i in range(0, len(log), 37):  # fetched batches of any size
         learner.apply(log[i : i + 37])
+        if i % 74 == 0:
+            learner.flush()  # written now and then, not after every fetch
+    learner.flush()
     live = SelectionState.from_state(table[b"app"])
     replayed, counts = rebuild(
         registry, "app", [Observed(1, i, codec.decode("Observation", v)) for _, v, _, i in log]
@@ -74,10 +77,12 @@ def test_a_redelivered_observation_is_not_applied_twice() -> None:
     learner = Learner(table, registry)
     log = records(stream(40))
     learner.apply(log)
+    learner.flush()
     once = json.dumps(table[b"app"])
     # a worker re-read feedback after a crash and made the last 10 observations again
     again = records([codec.decode("Observation", v) for _, v, _, _ in log[-10:]], start=40)
     learner.apply(again)
+    learner.flush()
     assert json.dumps(table[b"app"]) == once
     assert learner.counts["replayed"] == 10
 
@@ -105,6 +110,7 @@ def test_a_snapshot_replaces_the_state_and_keeps_what_came_after_the_replay_read
         },
     )
     learner.apply([(b"app", snapshot, 1, 60)])
+    learner.flush()
     everything, _ = rebuild(
         registry, "app", [Observed(1, i, codec.decode("Observation", v)) for _, v, _, i in log]
     )
@@ -125,7 +131,9 @@ def test_every_worker_chooses_from_what_the_writer_wrote() -> None:
     registry = make_registry("EXP4", ("m1", "m2"))
     app = registry.app("app")
     table: dict[bytes, dict] = {}
-    Learner(table, registry).apply(records(stream(300)))
+    learner = Learner(table, registry)
+    learner.apply(records(stream(300)))
+    learner.flush()
     view = StateView(decoded_capacity=2)
     assert view.state_for("app", app).weights()["m1"] == pytest.approx(0.5)  # nothing yet
     view.apply("app", json.dumps(table[b"app"]).encode())  # the changelog record arrives
@@ -138,3 +146,29 @@ def test_every_worker_chooses_from_what_the_writer_wrote() -> None:
     assert view.state_for("app", app).weights()["m1"] > 0.8  # decoded again from its record
     view.apply("app", b"{not json")  # a record this release cannot read
     assert view.state_for("app", app).weights()["m1"] == pytest.approx(0.5)
+
+
+class CountingTable(dict):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def __setitem__(self, key: bytes, value: dict) -> None:
+        self.writes += 1
+        super().__setitem__(key, value)
+
+
+def test_each_key_is_written_once_per_flush_however_many_observations() -> None:
+    registry = make_registry("EXP4", ("m1", "m2"), personalised=True)
+    table = CountingTable()
+    learner = Learner(table, registry)
+    log = [
+        observation(f"q{i}", {"m1": "1", "m2": "0"}, "1", i, key=f"app|u{i % 3}", user=f"u{i % 3}")
+        for i in range(90)
+    ]
+    for i in range(0, 90, 1):  # one observation per fetch, as at a low rate
+        learner.apply(records(log[i : i + 1], start=i))
+    assert table.writes == 0  # folded, not yet written
+    assert learner.flush() == 3
+    assert table.writes == 3 and set(table) == {b"app|u0", b"app|u1", b"app|u2"}
+    assert learner.flush() == 0 and table.writes == 3
