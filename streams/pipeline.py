@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -102,24 +102,43 @@ class Pipeline:
 
     def on_queries(self, messages: Iterable[MessageLike], now: int) -> None:
         started = time.perf_counter()
+        n = self._each(messages, now, self._intake, topics.QUERIES, "intake")
+        if n:
+            self.sensor.on_intake((time.perf_counter() - started) / n)
+
+    def _each(
+        self,
+        messages: Iterable[MessageLike],
+        now: int,
+        handle: Callable[[MessageLike, int], None],
+        topic: str,
+        stage: str,
+    ) -> int:
+        """``handle`` each message; one message's failure must not stop the others (it is
+        dead-lettered with the error). Returns how many there were."""
         n = 0
         for msg in messages:
             n += 1
             try:
-                self._intake(msg, now)
-            except Exception as exc:  # one query's failure must not stop the others
-                log.exception("intake failed for a query")
-                self._dead_letter(topics.QUERIES, msg, f"internal error: {exc!r}", "intake")
-        if n:
-            self.sensor.on_intake((time.perf_counter() - started) / n)
+                handle(msg, now)
+            except Exception as exc:
+                log.exception("%s failed for a message of %s", stage, topic)
+                self._dead_letter(topic, msg, f"internal error: {exc!r}", stage)
+        return n
+
+    def _decode(self, kind: str, msg: MessageLike, topic: str, stage: str) -> Any | None:
+        """The record a message holds; None (and a dead letter) if it holds none."""
+        try:
+            return codec.decode(kind, msg.value())
+        except codec.DecodeError as exc:
+            self._dead_letter(topic, msg, str(exc), stage)
+            return None
 
     def _intake(self, msg: MessageLike, now: int) -> None:
         partition, offset = msg.partition(), msg.offset()
         self.offsets.read(topics.QUERIES, partition, offset)
-        try:
-            q = codec.decode("Query", msg.value())
-        except codec.DecodeError as exc:
-            self._dead_letter(topics.QUERIES, msg, str(exc), "intake")
+        q = self._decode("Query", msg, topics.QUERIES, "intake")
+        if q is None:
             return
         qid = q["query_id"]
         self.counts["queries"] += 1
@@ -223,22 +242,15 @@ class Pipeline:
     # -- answers in ---------------------------------------------------------------------
 
     def on_results(self, messages: Iterable[MessageLike], now: int) -> None:
-        for msg in messages:
-            partition, offset = msg.partition(), msg.offset()
-            # an answer needs nothing delivered: a worker taking over sends its own batches
-            self.offsets.read(topics.RESPONSES, partition, offset)
-            self.offsets.done(topics.RESPONSES, partition, offset)
-            try:
-                self._result(msg, now)
-            except Exception as exc:  # a bad answer must not stop the others
-                log.exception("merge failed")
-                self._dead_letter(topics.RESPONSES, msg, f"internal error: {exc!r}", "merge")
+        self._each(messages, now, self._result, topics.RESPONSES, "merge")
 
     def _result(self, msg: MessageLike, now: int) -> None:
-        try:
-            result = codec.decode("ModelBatchResult", msg.value())
-        except codec.DecodeError as exc:
-            self._dead_letter(topics.RESPONSES, msg, str(exc), "merge")
+        partition, offset = msg.partition(), msg.offset()
+        # an answer needs nothing delivered: a worker taking over sends its own batches
+        self.offsets.read(topics.RESPONSES, partition, offset)
+        self.offsets.done(topics.RESPONSES, partition, offset)
+        result = self._decode("ModelBatchResult", msg, topics.RESPONSES, "merge")
+        if result is None:
             return
         model = result["model"]
         malformed = _malformed_result(result)
@@ -288,20 +300,13 @@ class Pipeline:
     # -- feedback -----------------------------------------------------------------------
 
     def on_feedback(self, messages: Iterable[MessageLike], now: int) -> None:
-        for msg in messages:
-            try:
-                self._feedback(msg, now)
-            except Exception as exc:  # nor a bad feedback record the others
-                log.exception("feedback failed")
-                self._dead_letter(topics.FEEDBACK, msg, f"internal error: {exc!r}", "feedback")
+        self._each(messages, now, self._feedback, topics.FEEDBACK, "feedback")
 
     def _feedback(self, msg: MessageLike, now: int) -> None:
         partition, offset = msg.partition(), msg.offset()
         self.offsets.read(topics.FEEDBACK, partition, offset)
-        try:
-            fb = codec.decode("Feedback", msg.value())
-        except codec.DecodeError as exc:
-            self._dead_letter(topics.FEEDBACK, msg, str(exc), "feedback")
+        fb = self._decode("Feedback", msg, topics.FEEDBACK, "feedback")
+        if fb is None:
             self.sensor.on_feedback(UNKNOWN, "invalid")
             return
         app = self.registry.app(fb["app"])
