@@ -172,3 +172,29 @@ def test_each_key_is_written_once_per_flush_however_many_observations() -> None:
     assert learner.flush() == 3
     assert table.writes == 3 and set(table) == {b"app|u0", b"app|u1", b"app|u2"}
     assert learner.flush() == 0 and table.writes == 3
+
+
+def test_weights_are_reported_for_shared_states_only() -> None:
+    """A personalised app has a state per user: too many series for Prometheus labels."""
+    from streams.sensors import Sensor
+
+    class Recording(Sensor):
+        def __init__(self) -> None:
+            self.weights: list[str] = []
+
+        def on_weights(self, app, weights) -> None:  # type: ignore[override]
+            self.weights.append(app)
+
+    sensor = Recording()
+    registry = make_registry("EXP4", ("m1", "m2"), personalised=True)
+    learner = Learner({}, registry, sensor)
+    users = [
+        observation(f"q{i}", {"m1": "1"}, "1", i, key=f"app|u{i}", user=f"u{i}") for i in range(50)
+    ]
+    learner.apply(records(users))
+    learner.flush()
+    assert sensor.weights == []
+    shared = Learner({}, make_registry("EXP4", ("m1", "m2")), sensor)
+    shared.apply(records(stream(10)))
+    shared.flush()
+    assert sensor.weights == ["app"]
