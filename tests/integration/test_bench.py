@@ -178,14 +178,17 @@ def test_the_sweep_is_refined_at_the_knee(kafka_settings: Settings, tmp_path: Pa
         "0.3",
         "--burst",
         "200",
+        # warms the broker through the floor's relay, which is then stopped
         "--broker-warmup",
-        "0",
+        "0.5",
         "--out",
         str(out),
         "--plot",
         str(png),
     )
     figures = json.loads(out.read_text())
+    assert set(figures["systems"]) == {"naive", "clipstream"}
+    assert all(f["light"]["lost"] == 0 for f in figures["systems"].values())
     slo = figures["plan"]["slo_ms"]
     best = {}
     for name, f in figures["systems"].items():
