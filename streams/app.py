@@ -102,7 +102,11 @@ class Worker:
         self._closed = threading.Event()
         self._define_agents()
         if settings.bulk_learn:
-            faust_bulk.install(self.app, {topics.OBSERVATIONS: self.on_observation_messages})
+            faust_bulk.install(
+                self.app,
+                {topics.OBSERVATIONS: self.on_observation_messages},
+                before_wait_empty=self.flush_learning,
+            )
         self.gateway = Gateway(settings, self.registry)
         mount(self.app, self.gateway)
 

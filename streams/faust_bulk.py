@@ -58,9 +58,18 @@ class BulkConsumer(faust_aiokafka.Consumer):
     """aiokafka-driven Faust consumer; topics in ``bulk_handlers`` bypass the streams."""
 
     bulk_handlers: dict[str, BulkHandler] = {}
+    #: writes what the handlers were given and acknowledges it; called once the fetcher
+    #: has stopped, before Faust waits for every message to be acknowledged (it would wait
+    #: for ever: the handlers' owner acknowledges on a timer, and timers stop first)
+    before_wait_empty: Callable[[], None] | None = None
 
     def _new_consumer_thread(self) -> Any:
         return BulkConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def wait_empty(self) -> None:
+        if self.before_wait_empty is not None:
+            self.before_wait_empty()
+        await super().wait_empty()
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - I/O loop
         handlers = self.bulk_handlers
@@ -125,12 +134,18 @@ def check_version(version: str = faust.__version__) -> None:
         )
 
 
-def install(app: Any, handlers: dict[str, BulkHandler]) -> None:
+def install(
+    app: Any, handlers: dict[str, BulkHandler], before_wait_empty: Callable[[], None] | None = None
+) -> None:
     """Make ``app`` build its consumer as a BulkConsumer with these handlers."""
     check_version()
 
     class AppBulkConsumer(BulkConsumer):
         bulk_handlers = handlers
+
+    if before_wait_empty is not None:
+        # a plain function as a class attribute would be bound as a method
+        AppBulkConsumer.before_wait_empty = staticmethod(before_wait_empty)  # type: ignore[assignment]
 
     # The transport is created lazily; its Consumer attribute decides the consumer class.
     app.transport.Consumer = AppBulkConsumer
