@@ -8,6 +8,7 @@ not code: loading it runs nothing of the file's own."""
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,11 @@ def save_onnx(estimator: Any, path: Path | str, n_features: int) -> Path:
     from sklearn.base import is_classifier
 
     options = {"zipmap": False} if is_classifier(estimator) else None
-    proto = to_onnx(estimator, np.zeros((1, n_features), dtype=np.float32), options=options)
+    with warnings.catch_warnings():
+        # skl2onnx reads an SVC's probA_/probB_, which scikit-learn 1.9 marks deprecated:
+        # the converter's business, not the user's
+        warnings.filterwarnings("ignore", r"Attribute `prob[AB]_` was deprecated", FutureWarning)
+        proto = to_onnx(estimator, np.zeros((1, n_features), dtype=np.float32), options=options)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(proto.SerializeToString())

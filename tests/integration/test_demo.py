@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 # when stderr is not a terminal
 OWN_LINES = [
     r"starting the embedded Kafka broker \(first run resolves its jars\) \.\.\.",
-    r"training digits models \.\.\.",
+    r"training digits models, served as ONNX \.\.\.",
     r"  digits-(logreg|forest|svc) +offline accuracy 0\.\d{3}",
     r"waiting for the worker and replicas to serve \.\.\.",
     r"(queries sent|predictions) +━+ 540/540 \d+:\d\d:\d\d",
