@@ -44,8 +44,10 @@ class Settings:
     metrics_urls: str = ""
     batch_max: int = 256
     batch_wait_ms: float = 2.0
-    #: batches a model may have in flight per live replica (one computing, one on its way)
-    inflight_per_replica: int = 2
+    #: batches a model may have in flight per live replica: one, as in Clipper (a second
+    #: slot hid the Kafka round trip but filled with one-row batches, so a model with a
+    #: costly call spent its time on per-call overhead: bench sweeps, slots 1 vs 2)
+    inflight_per_replica: int = 1
     #: a query is answered this long before its deadline, so the answer reaches the app by
     #: the deadline (at most a quarter of the deadline)
     emit_margin_ms: float = 2.0

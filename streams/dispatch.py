@@ -37,7 +37,7 @@ class InFlight:
 
 
 class Dispatcher:
-    def __init__(self, producer: Any, sensor: Sensor, inflight_per_replica: int = 2) -> None:
+    def __init__(self, producer: Any, sensor: Sensor, inflight_per_replica: int = 1) -> None:
         self.producer = producer
         self.sensor = sensor
         self.inflight_per_replica = inflight_per_replica

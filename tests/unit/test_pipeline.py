@@ -33,7 +33,7 @@ def committed(pipe, topic: str = topics.QUERIES) -> dict[int, int]:
 
 
 def test_each_query_gets_one_prediction_and_commits_only_after_delivery() -> None:
-    pipe, producer = make_pipeline()
+    pipe, producer = make_pipeline(inflight_per_replica=2)
     start = now_us()
     pipe.on_queries([query(f"q{i}", [1.0, 2.0, float(i)], offset=i) for i in range(10)], start)
     pipe.tick(start)
@@ -171,6 +171,24 @@ def test_wrong_dimension_gets_error_prediction_and_dead_letter() -> None:
     assert letter["query_id"] == "bad"
 
 
+def test_by_default_one_batch_per_replica_is_in_flight_and_the_rest_batch_up_behind_it() -> None:
+    pipe, producer = make_pipeline()
+    start = now_us()
+    pipe.on_queries([query("first", offset=0, deadline_ms=LONG)], start)
+    pipe.tick(start)  # the idle model gets its row at once
+    assert [b["rows"] for b in producer.on(topics.model_requests("m1"), "ModelBatch")] == [1]
+    # while it computes, rows arriving one by one are not sent one by one
+    for i in range(1, 4):
+        pipe.on_queries([query(f"q{i}", offset=i, deadline_ms=LONG)], start + i * 4_000)
+        pipe.tick(start + i * 4_000)
+    assert len(producer.on(topics.model_requests("m1"), "ModelBatch")) == 1
+    assert answer_batches(pipe, producer) == 1
+    pipe.tick(now_us())  # the model is free: what waited goes as one batch
+    assert [b["rows"] for b in producer.on(topics.model_requests("m1"), "ModelBatch")] == [3]
+    assert answer_batches(pipe, producer) == 1
+    assert len(producer.on(topics.PREDICTIONS, "Prediction")) == 4
+
+
 def test_a_straggler_is_recorded_in_the_answers_and_remembered_as_a_loss() -> None:
     pipe, producer = make_pipeline(make_registry("EXP4", ("m1", "m2")))
     start = now_us()
@@ -187,7 +205,7 @@ def test_a_straggler_is_recorded_in_the_answers_and_remembered_as_a_loss() -> No
 
 
 def test_a_busy_model_is_not_sent_rows_that_cannot_come_back_in_time() -> None:
-    pipe, producer = make_pipeline()
+    pipe, producer = make_pipeline(inflight_per_replica=2)  # busy, with a slot free
     pipe.dispatch.trips["m1"] = deque([50_000, 60_000])  # a batch takes 50 ms or more
     pipe.dispatch.inflight["m1"] = 1  # and the model is busy
     start = now_us()
@@ -204,7 +222,7 @@ def test_a_busy_model_is_not_sent_rows_that_cannot_come_back_in_time() -> None:
 
 
 def test_rows_of_every_partition_share_one_batch() -> None:
-    pipe, producer = make_pipeline()
+    pipe, producer = make_pipeline(inflight_per_replica=2)
     pipe.dispatch.inflight["m1"] = 1  # busy: rows wait for a full batch
     now = now_us()
     pipe.on_queries([query(f"q{p}", partition=p, deadline_ms=LONG) for p in range(4)], now)
