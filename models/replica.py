@@ -28,7 +28,7 @@ from models.files import load_model
 from models.registry import ControlFollower
 from streams import codec, metrics, topics
 from streams.config import Settings
-from streams.kafka_util import consume_ready, group_session_timeout_ms
+from streams.kafka_util import FETCH_WAIT_MS, consume_ready, group_session_timeout_ms
 
 log = logging.getLogger("clipstream.replica")
 
@@ -209,7 +209,7 @@ class Replica:
                     # a crashed replica's batches move to the others after this long
                     "session.timeout.ms": session_ms,
                     "heartbeat.interval.ms": max(100, session_ms // 4),
-                    "fetch.wait.max.ms": 100,
+                    "fetch.wait.max.ms": FETCH_WAIT_MS,
                 }
             )
         )

@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from streams import codec, topics
 from streams.config import Settings
-from streams.kafka_util import consume_ready, watermarks
+from streams.kafka_util import FETCH_WAIT_MS, consume_ready, watermarks
 from streams.limits import deadline_problem
 from streams.sensors import Sensor
 
@@ -152,7 +152,7 @@ class PredictionReader:
                     "group.id": group_id or f"clipstream-reader-{uuid.uuid4().hex}",
                     "enable.auto.commit": group_id is not None,
                     "auto.offset.reset": "earliest" if from_beginning else "latest",
-                    "fetch.wait.max.ms": 100,
+                    "fetch.wait.max.ms": FETCH_WAIT_MS,
                     "enable.partition.eof": False,
                 }
             )

@@ -30,7 +30,7 @@ from models.registry import Registry
 from streams import dedup, topics
 from streams.config import Settings
 from streams.handover import Handover
-from streams.kafka_util import consume_ready, group_session_timeout_ms
+from streams.kafka_util import FETCH_WAIT_MS, consume_ready, group_session_timeout_ms
 from streams.pipeline import Pipeline, now_us
 from streams.sensors import Sensor
 from streams.state_view import ChangelogTail, StateView
@@ -106,7 +106,7 @@ class ServingLoop:
                     "auto.offset.reset": "earliest",
                     "session.timeout.ms": self.session_timeout_ms,
                     "heartbeat.interval.ms": max(100, self.session_timeout_ms // 4),
-                    "fetch.wait.max.ms": 100,
+                    "fetch.wait.max.ms": FETCH_WAIT_MS,
                     "enable.partition.eof": False,
                     "on_commit": self._on_commit,
                 }

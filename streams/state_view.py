@@ -24,6 +24,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from selection import SelectionState
 from streams import topics
 from streams.config import Settings
+from streams.kafka_util import FETCH_WAIT_MS
 from streams.sensors import Sensor
 
 log = logging.getLogger("clipstream.state")
@@ -84,7 +85,7 @@ class ChangelogTail:
                     "group.id": f"clipstream-state-{uuid.uuid4().hex}",
                     "enable.auto.commit": False,
                     "enable.partition.eof": False,
-                    "fetch.wait.max.ms": 100,
+                    "fetch.wait.max.ms": FETCH_WAIT_MS,
                 }
             )
         )

@@ -20,7 +20,7 @@ from confluent_kafka import Consumer, Producer
 
 from streams import codec
 from streams.config import Settings
-from streams.kafka_util import consume_ready
+from streams.kafka_util import FETCH_WAIT_MS, consume_ready
 
 
 def topics_for(prefix: str) -> dict[str, str]:
@@ -64,7 +64,7 @@ def loop_clients(settings: Settings, group: str) -> tuple[Consumer, Producer]:
             **{
                 "group.id": group,
                 "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 100,
+                "fetch.wait.max.ms": FETCH_WAIT_MS,
                 "enable.partition.eof": False,
             }
         )

@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPa
 
 from streams.bench.meter import PhaseMeter
 from streams.config import Settings
-from streams.kafka_util import consume_ready
+from streams.kafka_util import FETCH_WAIT_MS, consume_ready
 
 #: latency histogram bucket edges in ms: log-spaced from 0.1 ms to 100 s
 HIST_EDGES_MS = np.round(np.logspace(-1, 5, 121), 4)
@@ -121,7 +121,7 @@ class _Receiver(threading.Thread):
                 **{
                     "group.id": f"bench-client-{uuid.uuid4().hex}",
                     "enable.auto.commit": False,
-                    "fetch.wait.max.ms": 100,
+                    "fetch.wait.max.ms": FETCH_WAIT_MS,
                     "enable.partition.eof": False,
                 }
             )
