@@ -166,10 +166,12 @@ class PredictionWaiter:
     def _run(self) -> None:
         while not self._stop.is_set():
             if not self._active.is_set():
-                if self._wake.wait(0.02):
-                    self._wake.clear()
-                    self.reader.resume_at_end()
-                    self._active.set()
+                self._wake.wait()  # a request, or close()
+                if self._stop.is_set():
+                    break
+                self._wake.clear()
+                self.reader.resume_at_end()
+                self._active.set()
                 continue
             try:
                 # The reader tests each key against _waiting without the lock: a dict
@@ -191,6 +193,7 @@ class PredictionWaiter:
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(5)
         self.reader.close()
 
