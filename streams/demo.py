@@ -7,7 +7,7 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -142,33 +142,46 @@ def warm_up(client: Client, reader: PredictionReader, rate: float, seconds: floa
     is start-up, not serving."""
     X_train, _, y_train, _ = digits_split()
     n = int(rate * seconds)
+    stream(client, reader, X_train[:n], y_train[:n], rate)
+
+
+def stream(
+    client: Client,
+    reader: PredictionReader,
+    X: np.ndarray,
+    y: np.ndarray,
+    rate: float,
+    sent: Callable[[], None] = lambda: None,
+    answered: Callable[[], None] = lambda: None,
+) -> tuple[dict[str, str], dict[str, dict]]:
+    """Send the rows as queries at ``rate`` and feedback for each prediction; returns the
+    true label per query id and the prediction per query id that got one (within 30 s)."""
     truth: dict[str, str] = {}
+    got: dict[str, dict] = {}
     start = time.monotonic()
-    for i in range(n):
+
+    def drain(timeout: float) -> None:
+        for record in reader.poll(timeout):
+            qid = record["query_id"]
+            if qid in truth and qid not in got:
+                got[qid] = record
+                client.send_feedback(qid, DEMO_APP, label=truth[qid])
+                answered()
+
+    for i, (x, label) in enumerate(zip(X, y, strict=True)):
+        # open loop at a fixed rate: the schedule, not the answers, paces the sends
         while (wait := start + i / rate - time.monotonic()) > 0:
-            _answer(client, reader, truth, wait)
-        truth[client.send_query(DEMO_APP, X_train[i].tolist())] = str(y_train[i])
+            drain(wait)  # blocks in librdkafka until a prediction or the send time
+        truth[client.send_query(DEMO_APP, x.tolist())] = str(label)
+        sent()
     deadline = time.monotonic() + 30
-    while truth and time.monotonic() < deadline:
-        _answer(client, reader, truth, 0.2)
-
-
-def _answer(
-    client: Client, reader: PredictionReader, truth: dict[str, str], timeout: float
-) -> None:
-    for record in reader.poll(timeout):
-        label = truth.pop(record["query_id"], None)
-        if label is not None:
-            client.send_feedback(record["query_id"], DEMO_APP, label=label)
+    while len(got) < len(truth) and time.monotonic() < deadline:
+        drain(0.2)
+    return truth, got
 
 
 def stream_test_set(client: Client, reader: PredictionReader, rate: float) -> str:
     _, X_test, _, y_test = digits_split()
-    truth: dict[str, str] = {}
-    sent_at: dict[str, float] = {}
-    got: dict[str, dict] = {}
-    interval = 1.0 / rate
-    start = time.monotonic()
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -177,27 +190,16 @@ def stream_test_set(client: Client, reader: PredictionReader, rate: float) -> st
     )
     with Progress(*columns, console=console) as progress:
         sending = progress.add_task("queries sent", total=len(X_test))
-        answered = progress.add_task("predictions", total=len(X_test))
-
-        def drain(timeout: float) -> None:
-            for record in reader.poll(timeout):
-                qid = record["query_id"]
-                if qid in truth and qid not in got:
-                    got[qid] = record
-                    client.send_feedback(qid, DEMO_APP, label=truth[qid])
-                    progress.advance(answered)
-
-        for i, (x, y) in enumerate(zip(X_test, y_test, strict=True)):
-            # open loop at a fixed rate: the schedule, not the answers, paces the sends
-            while (wait := start + i * interval - time.monotonic()) > 0:
-                drain(wait)  # blocks in librdkafka until a prediction or the send time
-            qid = client.send_query(DEMO_APP, x.tolist())
-            truth[qid] = str(y)
-            sent_at[qid] = time.time()
-            progress.advance(sending)
-        deadline = time.monotonic() + 30
-        while len(got) < len(truth) and time.monotonic() < deadline:
-            drain(0.2)
+        answering = progress.add_task("predictions", total=len(X_test))
+        truth, got = stream(
+            client,
+            reader,
+            X_test,
+            y_test,
+            rate,
+            sent=lambda: progress.advance(sending),
+            answered=lambda: progress.advance(answering),
+        )
     client.flush()
     latencies = np.array([(r["received_at_us"] - r["sent_at_us"]) / 1000 for r in got.values()])
     correct = sum(r["label"] == truth[q] for q, r in got.items())
