@@ -8,7 +8,7 @@ import subprocess
 import time
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from streams import codec, topics
 from streams.config import Settings
@@ -49,8 +49,8 @@ def wait_until_serving(
     return got[qid][0]
 
 
-def read_all(settings: Settings, topic: str, kind: str, timeout: float = 10.0) -> list[dict]:
-    """Every record currently on ``topic`` (all partitions, from the beginning)."""
+def read_to_end(settings: Settings, topic: str, timeout: float = 10.0) -> list[Message]:
+    """Every message currently on ``topic`` (all partitions, from the beginning)."""
     consumer = Consumer(
         settings.kafka(**{"group.id": f"test-read-{time.time_ns()}", "enable.auto.commit": False})
     )
@@ -64,18 +64,23 @@ def read_all(settings: Settings, topic: str, kind: str, timeout: float = 10.0) -
                 ends[p] = high
                 parts.append(TopicPartition(topic, p, low))
         consumer.assign(parts)
-        out: list[dict] = []
+        out: list[Message] = []
         deadline = time.monotonic() + timeout
         while ends and time.monotonic() < deadline:
             for msg in consumer.consume(500, 0.2):
                 if msg.error():
                     continue
-                out.append(codec.decode(kind, msg.value()))
+                out.append(msg)
                 if msg.offset() + 1 >= ends.get(msg.partition(), 0):
                     ends.pop(msg.partition(), None)
         return out
     finally:
         consumer.close()
+
+
+def read_all(settings: Settings, topic: str, kind: str, timeout: float = 10.0) -> list[dict]:
+    """Every record currently on ``topic``, decoded as ``kind``."""
+    return [codec.decode(kind, msg.value()) for msg in read_to_end(settings, topic, timeout)]
 
 
 def run_cli(
@@ -123,35 +128,9 @@ def stored_states(settings: Settings, app: str) -> tuple[dict[str, dict], dict[s
     recovers), and the changelog partitions each key was ever written to."""
     latest: dict[str, dict] = {}
     written: dict[str, set[int]] = {}
-    consumer = Consumer(
-        settings.kafka(**{"group.id": f"test-{time.time_ns()}", "enable.auto.commit": False})
-    )
-    try:
-        parts = (
-            consumer.list_topics(topics.SELECTION_CHANGELOG, timeout=10)
-            .topics[topics.SELECTION_CHANGELOG]
-            .partitions
-        )
-        ends, assignment = {}, []
-        for p in parts:
-            low, high = consumer.get_watermark_offsets(
-                TopicPartition(topics.SELECTION_CHANGELOG, p), timeout=10
-            )
-            if high > low:
-                ends[p] = high
-                assignment.append(TopicPartition(topics.SELECTION_CHANGELOG, p, low))
-        consumer.assign(assignment)
-        deadline = time.monotonic() + 30
-        while ends and time.monotonic() < deadline:
-            for msg in consume_ready(consumer, 1000, 0.2):
-                if msg.error():
-                    continue
-                key = msg.key().decode()  # the table's keys are the selection keys' bytes
-                if key.split("|")[0] == app and msg.value() is not None:
-                    latest[key] = json.loads(msg.value())
-                    written.setdefault(key, set()).add(msg.partition())
-                if msg.offset() + 1 >= ends.get(msg.partition(), 0):
-                    ends.pop(msg.partition(), None)
-    finally:
-        consumer.close()
+    for msg in read_to_end(settings, topics.SELECTION_CHANGELOG, timeout=30):
+        key = msg.key().decode()  # the table's keys are the selection keys' bytes
+        if key.split("|")[0] == app and msg.value() is not None:
+            latest[key] = json.loads(msg.value())
+            written.setdefault(key, set()).add(msg.partition())
     return latest, written

@@ -37,6 +37,7 @@ from tests.integration.helpers import (
     group_caught_up,
     learnt_everything,
     read_all,
+    read_to_end,
     stored_states,
     wait_until_serving,
 )
@@ -262,24 +263,17 @@ def unanswered(settings: Settings, load: Load) -> str:
         missing = set(load.truth) - set(load.seen)
     where: Counter[int] = Counter()
     first: dict[int, int] = {}
-    consumer = Consumer(settings.kafka(**{"group.id": f"t-{time.time_ns()}"}))
-    try:
-        md = consumer.list_topics(topics.QUERIES, timeout=10).topics[topics.QUERIES]
-        consumer.assign([TopicPartition(topics.QUERIES, p, 0) for p in md.partitions])
-        deadline = time.monotonic() + 20
-        ends = {
-            p: consumer.get_watermark_offsets(TopicPartition(topics.QUERIES, p), timeout=10)[1]
-            for p in md.partitions
-        }
-        while time.monotonic() < deadline and any(ends.values()):
-            for msg in consume_ready(consumer, 1000, 0.5):
-                if msg.error() is None and msg.offset() + 1 >= ends.get(msg.partition(), 0):
-                    ends[msg.partition()] = 0
-                if msg.error() is None and msg.key() and msg.key().decode() in missing:
-                    where[msg.partition()] += 1
-                    first.setdefault(msg.partition(), msg.offset())
+    for msg in read_to_end(settings, topics.QUERIES, timeout=20):
+        if msg.key() and msg.key().decode() in missing:
+            where[msg.partition()] += 1
+            first.setdefault(msg.partition(), msg.offset())
+    consumer = Consumer(
+        settings.kafka(**{"group.id": topics.SERVING_GROUP, "enable.auto.commit": False})
+    )
+    try:  # the serving group's offsets, read without joining it
+        parts = consumer.list_topics(topics.QUERIES, timeout=10).topics[topics.QUERIES].partitions
         committed = consumer.committed(
-            [TopicPartition(topics.QUERIES, p) for p in md.partitions], timeout=10
+            [TopicPartition(topics.QUERIES, p) for p in parts], timeout=10
         )
     finally:
         consumer.close()
@@ -417,36 +411,13 @@ def failover_hole(
     queries got the default: the hole a crashed worker leaves. Queries after the dead
     worker's replacement started are not counted: its start-up (seconds of CPU for Python's
     imports on this 2-core machine) and the rebalance it brings are another event."""
-    ours = [
-        r
-        for r in read_all(settings, topics.PREDICTIONS, "Prediction", 30)
-        if r["query_id"] in load.truth
-    ]
+    ours: list[dict] = []
     by_partition: dict[int, list[dict]] = {}
-    consumer = Consumer(settings.kafka(**{"group.id": f"t-{time.time_ns()}"}))
-    try:  # which partition each prediction is on: read_all does not say, so read again
-        parts = consumer.list_topics(topics.PREDICTIONS, timeout=10).topics[topics.PREDICTIONS]
-        ends = {}
-        for p in parts.partitions:
-            _low, high = consumer.get_watermark_offsets(
-                TopicPartition(topics.PREDICTIONS, p), timeout=10
-            )
-            ends[p] = high
-            by_partition[p] = []
-        consumer.assign([TopicPartition(topics.PREDICTIONS, p, 0) for p in ends if ends[p]])
-        deadline = time.monotonic() + 30
-        left = {p for p, high in ends.items() if high}
-        while left and time.monotonic() < deadline:
-            for msg in consume_ready(consumer, 1000, 0.2):
-                if msg.error():
-                    continue
-                record = codec.decode("Prediction", msg.value())
-                if record["query_id"] in load.truth:
-                    by_partition[msg.partition()].append(record)
-                if msg.offset() + 1 >= ends[msg.partition()]:
-                    left.discard(msg.partition())
-    finally:
-        consumer.close()
+    for msg in read_to_end(settings, topics.PREDICTIONS, timeout=30):
+        record = codec.decode("Prediction", msg.value())
+        if record["query_id"] in load.truth:
+            ours.append(record)
+            by_partition.setdefault(msg.partition(), []).append(record)
     gaps, takeover = {}, {}
     for p, records in by_partition.items():
         stamps = sorted(r["emitted_at_us"] for r in records)
