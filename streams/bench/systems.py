@@ -6,6 +6,7 @@ same load generator; only the topics and (for the peer) the message format diffe
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -92,11 +93,14 @@ def avro_protocol(
     *,
     users: int = 0,
     labels: np.ndarray | None = None,
+    key_by_input: bool = False,
 ) -> Protocol:
     """Clipstream's own records: the floor and the naive loop speak them too.
 
     ``users``: queries speak for that many users (a personalised app); ``labels``: the
-    true label of each input row, for feedback."""
+    true label of each input row, for feedback; ``key_by_input``: queries keyed by a hash
+    of their input, so a repeated input reaches the worker whose cache holds its answer
+    (each worker has its own cache; keyed by query id, a repeat finds it 1/N of the time)."""
 
     def encode(qid: str, row: np.ndarray, deadline_ms: int) -> tuple[bytes, bytes, None]:
         user = user_of(qid, users)
@@ -110,8 +114,12 @@ def avro_protocol(
             "sent_at_us": now_us(),
             "deadline_ms": deadline_ms,
         }
-        # keyed by query id, as the SDK does: one app's queries spread over all partitions
-        return qid.encode(), codec.encode("Query", record), None
+        if key_by_input:
+            key = hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest().encode()
+        else:
+            # keyed by query id, as the SDK does: one app's queries spread over all partitions
+            key = qid.encode()
+        return key, codec.encode("Query", record), None
 
     def decode(msg: Message) -> Reply | None:
         received = time.time_ns() // 1000
@@ -175,7 +183,10 @@ def start(system: str, ctx: Context) -> tuple[Protocol, list[Child]]:
         children = ctx.children.get("clipstream")
         if children is None or not all(c.alive() for c in children):
             children = _start_clipstream(ctx)
-        return avro_protocol(topics.QUERIES, topics.PREDICTIONS, ctx.app(cached)), children
+        protocol = avro_protocol(
+            topics.QUERIES, topics.PREDICTIONS, ctx.app(cached), key_by_input=cached
+        )
+        return protocol, children
     if system == "peer":
         prefix = ctx.prefix(system)
         binary = peer.ensure_installed(ctx.logs / "peer-install.log")
