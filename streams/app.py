@@ -1,11 +1,11 @@
-"""The worker process: a serving loop and a Faust app.
+"""The worker process: a serving loop, and a Faust app for the REST gateway.
 
-* The serving loop (streams.serving) owns the query path: queries, model answers and
-  feedback of the partitions the serving group gives this worker, read with librdkafka in
-  a thread of its own.
-* The Faust app owns the learning: the partitions of clipstream.observations Faust
-  assigns this worker, the selection table of the keys on them and its changelog
-  (streams.learning), and the REST gateway on Faust's web server (streams.gateway).
+* The serving loop (streams.serving) owns the query path and the learning: queries, model
+  answers, feedback and observations of the partitions the serving group gives this
+  worker, read with librdkafka in a thread of its own; it folds the observations of the
+  selection keys on its partitions and writes their states to the selection table's
+  changelog (streams.learning).
+* The Faust app serves the REST gateway on its web server (streams.gateway).
 
 Every worker reads every key's selection state from the table's changelog
 (streams.state_view), so queries of any app spread over all workers while each key's
@@ -22,26 +22,13 @@ import faust
 from confluent_kafka.admin import AdminClient
 
 from models.registry import ControlFollower
-from streams import faust_bulk, metrics, topics
+from streams import metrics, topics
 from streams.config import Settings
 from streams.gateway import Gateway, free_port, mount
 from streams.gateway_auth import server_ssl_context
-from streams.learning import Learner, Record
 from streams.serving import ServingLoop
 
 log = logging.getLogger("clipstream.worker")
-
-#: how often folded selection states are written to the table (and so reach every worker)
-LEARN_FLUSH_S = 0.05
-
-
-class SelectionTable(faust.Table):
-    """The selection table: a key's changelog partition is its observations' partition
-    (topics.partition_for), so the worker folding a key's observations owns its state,
-    whichever event a write happens in (streams.learning writes once per fetched batch)."""
-
-    def partition_for_key(self, key: Any) -> int | None:
-        return topics.partition_for(bytes(key).decode("utf-8", "replace"), self.partitions)
 
 
 class Worker:
@@ -49,7 +36,7 @@ class Worker:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        bootstrap = settings.require_bootstrap()
+        settings.require_bootstrap()
         self.admin = AdminClient(settings.kafka())
         topics.ensure_topics(self.admin, topics.TopicPlan(settings.partitions).core())
         self.sensor = metrics.Prometheus()
@@ -58,92 +45,30 @@ class Worker:
         self.follower.start()
         self.registry = self.follower.registry
         self.serving = ServingLoop(settings, self.registry, self.sensor)
+        # Faust serves the web only, the REST gateway (streams/gateway.py) on its aiohttp
+        # server: the serving loop is the worker's one Kafka consumer and producer
         self.app = faust.App(
             topics.FAUST_APP,
-            broker=[f"kafka://{h}" for h in bootstrap.split(",")],
-            broker_credentials=settings.faust_broker_credentials(),
-            store="memory://",
-            topic_partitions=settings.partitions,
-            topic_allow_declare=False,
-            topic_disable_leader=True,
-            key_serializer="raw",
-            value_serializer="raw",
-            consumer_auto_offset_reset="earliest",
-            broker_commit_interval=0.2,
-            # learning pauses while a crashed worker's observation partitions move; queries
-            # do not (they are the serving group's)
-            broker_session_timeout=6.0,
-            broker_heartbeat_interval=1.0,
-            # the REST gateway (streams/gateway.py) is served by Faust's aiohttp web server
             web_enabled=True,
             web_port=free_port(settings.web_port),
             web_ssl_context=server_ssl_context(settings),
-            # only the gateway: Faust's own pages would expose table contents and stats
+            # only the gateway: Faust's own pages would expose its internals
             web_tables_enabled=False,
             web_router_enabled=False,
             web_graph_enabled=False,
             web_stats_enabled=False,
-            table_standby_replicas=0,
         )
-        self.table = self.app.tables.add(
-            SelectionTable(
-                self.app,
-                name=topics.SELECTION_TABLE,
-                default=None,
-                beacon=self.app.tables.beacon,
-                partitions=settings.partitions,
-                # keys as their plain UTF-8 bytes (the observations' keys), values as JSON
-                key_type=bytes,
-            )
-        )
-        self.learner = Learner(self.table, self.registry, self.sensor, self._dead_letter)
-        #: observations folded in, to acknowledge once their states are written
-        self._unwritten: list[Any] = []
+        # no Faust consumer (with no agents it would subscribe to nothing, which aiokafka
+        # refuses) and no Faust producer (idle, it would only hold a connection)
+        self.app.producer_only = True
+        self.app.boot_strategy = self.app.BootStrategy(self.app, enable_kafka=False)
         self._closed = threading.Event()
-        self._define_agents()
-        if settings.bulk_learn:
-            faust_bulk.install(
-                self.app,
-                {topics.OBSERVATIONS: self.on_observation_messages},
-                before_wait_empty=self.flush_learning,
-            )
+        self._connect_lifecycle()
         self.gateway = Gateway(settings, self.registry)
         mount(self.app, self.gateway)
 
-    def _define_agents(self) -> None:
+    def _connect_lifecycle(self) -> None:
         app = self.app
-        observations = app.topic(topics.OBSERVATIONS, partitions=self.settings.partitions)
-
-        @app.agent(observations, name="learn")
-        async def learn(stream: Any) -> None:
-            if self.settings.bulk_learn:
-                # the consumer hands observations to on_observation_messages; this agent
-                # only declares the subscription (and waits without a timer: take's
-                # `within` woke the event loop 100 times a second for nothing)
-                async for _event in stream.events():
-                    pass
-                return
-            async for events in stream.take_events(1000, within=0.05):
-                self.learner.apply(
-                    [
-                        (e.message.key, e.message.value, e.message.partition, e.message.offset)
-                        for e in events
-                    ]
-                )
-                self.learner.flush()  # take_events acknowledges the chunk when we return
-
-        @app.timer(LEARN_FLUSH_S)
-        async def write_states() -> None:
-            self.flush_learning()
-
-        @app.on_partitions_revoked.connect
-        async def revoked(app: Any, revoked: Any, **kwargs: Any) -> None:
-            self.flush_learning()
-            self.learner.forget()
-
-        @app.on_partitions_assigned.connect
-        async def assigned(app: Any, assigned: Any, **kwargs: Any) -> None:
-            self.learner.forget()
 
         @app.on_before_shutdown.connect
         async def shutting_down(app: Any, **kwargs: Any) -> None:
@@ -153,30 +78,6 @@ class Worker:
         async def watch_serving() -> None:
             if self.serving.stopped.is_set() and not self.serving.stopping.is_set():
                 await app.crash(RuntimeError(f"the serving loop stopped: {self.serving.error!r}"))
-
-    def on_observation_messages(self, messages: list[Any]) -> None:
-        self.learner.apply([(m.key, m.value, m.partition, m.offset) for m in messages])
-        self._unwritten.extend(messages)
-        if len(self._unwritten) >= 1000:
-            self.flush_learning()
-
-    def flush_learning(self) -> None:
-        """Write the states folded into since the last time, then acknowledge their
-        observations: Faust's commit flushes its producer (the table's changelog) before
-        it commits their offsets, so an acknowledged observation is never lost."""
-        if not self._unwritten:
-            return
-        messages, self._unwritten = self._unwritten, []
-        self.learner.flush()
-        consumer = self.app.consumer
-        for m in messages:
-            m.ack(consumer)
-
-    def _dead_letter(self, record: Record, reason: str) -> None:
-        key, value, partition, offset = record
-        self.serving.pipeline.emitter.dead_letter(
-            topics.OBSERVATIONS, partition, offset, key, value, reason, "learn"
-        )
 
     def count_replicas(self) -> None:
         """Live replicas per model, from their consumer groups' members."""

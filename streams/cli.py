@@ -204,7 +204,7 @@ def worker(
     faust_log_level: str | None,
     web_port: int | None,
 ) -> None:
-    """Run a worker: intake, cache, batching, merge and feedback (Faust), and the REST gateway."""
+    """Run a worker: intake, cache, batching, merge and learning, and the REST gateway."""
     free_port_option(metrics_port, "--metrics-port")
     free_port_option(web_port, "--web-port")
     settings = settings_for(partitions=partitions, metrics_port=metrics_port, web_port=web_port)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import ssl
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -54,9 +53,6 @@ class Settings:
     #: the session timeout of the serving group and the replicas' groups: how long a
     #: crashed member's partitions go unserved (raised to the broker's minimum)
     session_timeout_ms: int = 2000
-    #: observations reach the learner a fetched batch at a time (off: Faust's per-event
-    #: stream, to compare)
-    bulk_learn: bool = True
     cache_size: int = 100_000
     #: query ids answered, remembered so a redelivered query is not answered twice
     dedup_memory: int = 500_000
@@ -121,26 +117,6 @@ class Settings:
         conf.update(self.extra)
         conf.update(extra)
         return conf
-
-    def faust_broker_credentials(self) -> Any:
-        """Faust/aiokafka credentials object for the same security settings, or None."""
-        import faust
-
-        context = None
-        if "SSL" in self.security_protocol:
-            context = ssl.create_default_context(cafile=self.ssl_cafile)
-            if self.ssl_certfile:
-                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
-        if self.sasl_mechanism:
-            return faust.SASLCredentials(
-                username=self.sasl_username,
-                password=self.sasl_password,
-                ssl_context=context,
-                mechanism=self.sasl_mechanism,
-            )
-        if context is not None:
-            return faust.SSLCredentials(context)
-        return None
 
 
 def _coerce(kind: Any, raw: str) -> Any:

@@ -1,8 +1,9 @@
 """Records out of the worker, each tied to the input message it finishes.
 
 A prediction, an observation or a dead letter is produced with the input message it
-completes (topic, partition, offset); that message is marked done in ``Offsets`` only
-when Kafka has the record, so the offset committed never passes an input whose result
+completes (topic, partition, offset), selection states with the observations folded into
+them (a ``Group``); an input is marked done in ``Offsets`` only when Kafka has what it
+caused, so the offset committed never passes an input whose result
 could still be lost. A produce Kafka refuses for good (a record too large for the topic,
 no permission) is retried once, then dead-lettered with the reason, and the input counts
 as done: one bad record must not stop its partition. A produce that only timed out (the
@@ -32,13 +33,23 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+class Group:
+    """Inputs that are done once every one of several records is delivered."""
+
+    __slots__ = ("sources", "waiting")
+
+    def __init__(self, sources: list[Source], waiting: int) -> None:
+        self.sources = sources
+        self.waiting = waiting
+
+
 @dataclass(slots=True)
 class Outgoing:
     topic: str
     value: bytes
     key: bytes | None
     partition: int
-    source: Source | None
+    source: Source | Group | None
     attempts: int = 0
 
 
@@ -70,6 +81,17 @@ class Emitter:
         partition = topics.partition_for(key, partitions)
         self._produce(Outgoing(topics.OBSERVATIONS, value, key.encode(), partition, source))
 
+    def states(self, records: list[tuple[bytes, bytes, int]], sources: list[Source]) -> None:
+        """Selection states (key, value, partition) to the table's changelog; ``sources``
+        are done when all of them are delivered."""
+        if not records:
+            for source in sources:
+                self.offsets.done(*source)
+            return
+        group = Group(sources, len(records))
+        for key, value, partition in records:
+            self._produce(Outgoing(topics.SELECTION_CHANGELOG, value, key, partition, group))
+
     def dead_letter(
         self,
         source_topic: str,
@@ -80,7 +102,7 @@ class Emitter:
         reason: str,
         stage: str,
         query_id: str | None = None,
-        done: Source | None = None,
+        done: Source | Group | None = None,
     ) -> None:
         """Record bad input with its original bytes; ``done`` is marked once it is safe."""
         self.counts["dead_letters"] += 1
@@ -120,8 +142,7 @@ class Emitter:
 
     def _delivered(self, out: Outgoing, err: Any, _msg: Any) -> None:
         if err is None:
-            if out.source is not None:
-                self.offsets.done(*out.source)
+            self._done(out.source)
             return
         timed_out = err.code() == KafkaError._MSG_TIMED_OUT or err.retriable()
         self._failed(out, str(err), permanent=not timed_out)
@@ -139,8 +160,7 @@ class Emitter:
             self.on_undeliverable(out, reason)
         if out.topic == topics.DEADLETTER:
             # nowhere left to put it: say so, and let the partition move on
-            if out.source is not None:
-                self.offsets.done(*out.source)
+            self._done(out.source)
             return
         self.dead_letter(
             out.topic,
@@ -153,3 +173,15 @@ class Emitter:
             query_id=out.key.decode() if out.topic == topics.PREDICTIONS and out.key else None,
             done=out.source,
         )
+
+    def _done(self, source: Source | Group | None) -> None:
+        if source is None:
+            return
+        if isinstance(source, Group):
+            source.waiting -= 1
+            if source.waiting:
+                return
+            for each in source.sources:
+                self.offsets.done(*each)
+            return
+        self.offsets.done(*source)

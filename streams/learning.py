@@ -4,11 +4,12 @@ Feedback reaches the worker that answered its query (the query's partition: the 
 a query and its feedback by the query id). That worker joins the feedback with the query's
 answers from its answer memory into an ``Observation`` keyed by the selection key
 (streams.pipeline). All observations of one key land on one partition of
-clipstream.observations; the worker Faust assigns that partition is the key's one writer:
-it folds them into the key's state in log order and writes the state to the selection
-table, whose changelog partition is the same (the table uses the same partitioner).
-``clipstream replay`` folds the same log with the same ``fold``, so the live state and
-the replayed one are equal bit for bit.
+clipstream.observations; the serving group's member assigned that partition number (the
+range assignor gives it with the same numbers of the queries and feedback) is the key's
+one writer: it folds them into the key's state in log order and writes the state to the
+selection table's changelog, the same partition number (``ChangelogStore``). Every worker
+reads that changelog (streams.state_view). ``clipstream replay`` folds the same log with
+the same ``fold``, so the live state and the replayed one are equal bit for bit.
 
 Applying an observation twice is harmless: each state remembers the last feedback offset
 it applied per feedback partition, and a worker re-reading feedback after a crash makes
@@ -19,18 +20,33 @@ from __future__ import annotations
 import json
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
 
 from models.registry import Registry
 from selection import SelectionState
-from streams import codec
+from streams import codec, topics
+from streams.emit import Emitter
 from streams.sensors import UNKNOWN, Sensor
+from streams.state_view import StateView
 
 log = logging.getLogger("clipstream.learning")
 
 #: (key, value, partition, offset) of one clipstream.observations record
 Record = tuple[bytes | None, bytes | None, int, int]
+#: (partition, offset) of one clipstream.observations record
+Observed = tuple[int, int]
+
+
+class StateStore(Protocol):
+    """Where the learner's states are kept: the selection table."""
+
+    def stored(self, key: str) -> SelectionState | None:
+        """The key's last written state, or None if it was never written."""
+
+    def write(self, states: Mapping[str, SelectionState], observed: list[Observed]) -> None:
+        """Write these states; the observations folded into them are done (their offsets
+        may be committed) once every write is safely stored."""
 
 
 def fold(state: SelectionState, observation: Mapping[str, Any]) -> bool:
@@ -50,18 +66,17 @@ def fold(state: SelectionState, observation: Mapping[str, Any]) -> bool:
 
 
 class Learner:
-    """The writer of the selection keys on this worker's observation partitions, into a
-    table keyed by each selection key's UTF-8 bytes (values: ``SelectionState.to_state()``)."""
+    """The writer of the selection keys on this worker's observation partitions."""
 
     def __init__(
         self,
-        table: MutableMapping[bytes, Any],
+        store: StateStore,
         registry: Registry,
         sensor: Sensor | None = None,
         dead_letter: Callable[[Record, str], None] | None = None,
         recent: int = 10_000,
     ) -> None:
-        self.table = table
+        self.store = store
         self.registry = registry
         self.sensor = sensor or Sensor()
         self.dead_letter = dead_letter or (lambda record, reason: log.error("%s", reason))
@@ -74,11 +89,27 @@ class Learner:
         self.counts = {"applied": 0, "replayed": 0, "snapshot": 0, "invalid": 0}
         #: keys folded into and not yet written to the table
         self._dirty: dict[str, SelectionState] = {}
+        #: observations read since the last flush (applied, or found applied before)
+        self._observed: list[Observed] = []
+
+    @property
+    def unwritten(self) -> int:
+        """Observations read and not yet handed to the store."""
+        return len(self._observed)
 
     def forget(self) -> None:
         """Partitions moved: states are read from the table again when next needed (what
-        was folded is written first: its observations are acknowledged only after)."""
+        was folded is written first: its observations are done only after)."""
         self.flush()
+        self.states.clear()
+        self.recent.clear()
+
+    def drop(self) -> None:
+        """Partitions taken away without a revocation: their next owner may be writing
+        already, so what was folded here is not written (nor its observations done: they
+        are read again)."""
+        self._dirty.clear()
+        self._observed.clear()
         self.states.clear()
         self.recent.clear()
 
@@ -106,6 +137,7 @@ class Learner:
                 self.dead_letter(record, f"observation for unknown app {decoded['app']!r}")
                 continue
             if kind == "SelectionSnapshot":
+                self._observed.append((partition, offset))
                 try:
                     state = self._install(key, decoded, partition, offset)
                 except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -116,7 +148,9 @@ class Learner:
                 self.counts["snapshot"] += 1
             else:
                 state = self._state(key, app)
+                self._observed.append((partition, offset))
                 if not fold(state, decoded):
+                    # done with the next write: the state that has it may not be stored yet
                     self.counts["replayed"] += 1
                     self.sensor.on_feedback(decoded["app"], "replayed")
                     continue
@@ -129,12 +163,15 @@ class Learner:
             self.sensor.on_feedback(label, "applied", n)
 
     def flush(self) -> int:
-        """Write each key folded into since the last flush to the table, once: at low rates
-        a fetch holds one observation, and a table write (a changelog record every worker
-        reads) per observation cost far more than the fold. Returns the keys written."""
+        """Write each key folded into since the last flush, once: at low rates a fetch holds
+        one observation, and a write (a changelog record every worker reads) per
+        observation cost far more than the fold. Returns the keys written."""
+        if not self._observed and not self._dirty:
+            return 0
         dirty, self._dirty = self._dirty, {}
+        observed, self._observed = self._observed, []
+        self.store.write(dirty, observed)
         for key, state in dirty.items():
-            self.table[key.encode()] = state.to_state()
             app_name = key.split("|", 1)[0]
             if key == app_name and self.registry.app(app_name) is not None:
                 self.sensor.on_weights(app_name, state.weights())
@@ -143,8 +180,7 @@ class Learner:
     def _state(self, key: str, app: Mapping[str, Any]) -> SelectionState:
         state = self.states.get(key)
         if state is None:
-            stored = self.table.get(key.encode())
-            state = SelectionState.from_state(stored) if stored else None
+            state = self.store.stored(key)
         state = self.states[key] = SelectionState.following(state, app)
         return state
 
@@ -177,3 +213,28 @@ class Learner:
                     fold(state, obs)
         self.states[key] = state
         return state
+
+
+class ChangelogStore:
+    """The selection table as a compacted topic, clipstream-selection-changelog (the name
+    and record format of the Faust table it was first: keys the selection keys' UTF-8
+    bytes, values the states as JSON). A key's state goes to its observations' partition
+    number, produced by the worker's emitter; the observations folded into a flush are done
+    once Kafka has every state of that flush. Reads come from the worker's view of the
+    changelog, which this writer updates at once (the keys it writes are its own)."""
+
+    def __init__(self, view: StateView, emitter: Emitter, partitions: int) -> None:
+        self.view = view
+        self.emitter = emitter
+        self.partitions = partitions
+
+    def stored(self, key: str) -> SelectionState | None:
+        return self.view.stored(key)
+
+    def write(self, states: Mapping[str, SelectionState], observed: list[Observed]) -> None:
+        records = []
+        for key, state in states.items():
+            value = json.dumps(state.to_state()).encode()
+            self.view.wrote(key, value, state)
+            records.append((key.encode(), value, topics.partition_for(key, self.partitions)))
+        self.emitter.states(records, [(topics.OBSERVATIONS, p, o) for p, o in observed])

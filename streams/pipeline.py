@@ -468,7 +468,7 @@ class Pipeline:
         self._held = [p for p in self._held if p.partition not in partitions]
         self.offsets.forget(
             (topic, p)
-            for topic in (topics.QUERIES, topics.FEEDBACK, topics.RESPONSES)
+            for topic in (topics.QUERIES, topics.FEEDBACK, topics.RESPONSES, topics.OBSERVATIONS)
             for p in partitions
         )
         return dropped

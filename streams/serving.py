@@ -1,13 +1,15 @@
-"""The serving loop: one thread that owns the worker's query path.
+"""The serving loop: one thread that owns the worker's query path and its learning.
 
 Its consumer is a member of the serving group (``clipstream-serving``) subscribed to the
-queries, responses and feedback topics with the range assignor, which gives a member the
-same partition numbers of all three: a query, its model answers and its feedback meet in
-one worker. librdkafka keeps the membership from its own threads, so a busy Python loop
-never misses a heartbeat, and a crashed worker's partitions move after the session
-timeout (seconds). The thread blocks in ``poll`` until a message arrives or the next
-deadline or batch window is due, runs the pipeline, and commits, in this one place, the
-offsets whose results Kafka already has (streams.offsets).
+queries, responses, feedback and observations topics with the range assignor, which gives
+a member the same partition numbers of all four: a query, its model answers and its
+feedback meet in one worker, and the observations of the selection keys on that partition
+number are folded there (streams.learning: one writer per key). librdkafka keeps the
+membership from its own threads, so a busy Python loop never misses a heartbeat, and a
+crashed worker's partitions move after the session timeout (seconds). The thread blocks
+in ``poll`` until a message arrives or the next deadline, batch window or state write is
+due, runs the pipeline, and commits, in this one place, the offsets whose results Kafka
+already has (streams.offsets).
 
 Rebalances (eager, as the range assignor is): revoked partitions are frozen, the producer
 is flushed and their offsets committed; on assignment, partitions kept go on from where
@@ -24,21 +26,26 @@ import time
 import uuid
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from models.registry import Registry
 from streams import dedup, topics
 from streams.config import Settings
 from streams.handover import Handover
 from streams.kafka_util import FETCH_WAIT_MS, consume_ready, group_session_timeout_ms
+from streams.learning import ChangelogStore, Learner, Record
 from streams.pipeline import Pipeline, now_us
 from streams.sensors import Sensor
 from streams.state_view import ChangelogTail, StateView
 
 log = logging.getLogger("clipstream.serving")
 
-SERVED = (topics.QUERIES, topics.RESPONSES, topics.FEEDBACK)
+SERVED = (topics.QUERIES, topics.RESPONSES, topics.FEEDBACK, topics.OBSERVATIONS)
 COMMIT_INTERVAL_S = 0.1
+#: folded selection states are written this long after the first observation in them at
+#: most (every worker chooses from them once written), or at once past LEARN_FLUSH_AT
+LEARN_FLUSH_S = 0.05
+LEARN_FLUSH_AT = 1000
 #: longest wait in poll when nothing is due (keeps shutdown and idle checks prompt)
 IDLE_POLL_S = 0.1
 #: a clean stop waits this long at most for pending queries to be answered
@@ -74,6 +81,20 @@ class ServingLoop:
         self.tail = ChangelogTail(settings, self.view)
         self.pipeline = Pipeline(settings, registry, self.producer, self.view, sensor=self.sensor)
         self.handover = Handover(self.pipeline, restore=settings.dedup)
+        self.learner = Learner(
+            ChangelogStore(self.view, self.pipeline.emitter, settings.partitions),
+            registry,
+            self.sensor,
+            self._learn_dead_letter,
+        )
+        #: when the learner's folded states are due to be written (time.monotonic())
+        self._learn_due: float | None = None
+        #: observation partitions paused until the changelog is read to their end offsets
+        #: (None until a thread of its own has asked the broker for them)
+        self._catching_up: list[int] = []
+        self._changelog_ends: dict[int, int] | None = None
+        self._assignments = 0
+        self._ends: queue.SimpleQueue[tuple[int, dict[int, int]]] = queue.SimpleQueue()
         self.consumer: Consumer | None = None
         self.session_timeout_ms = settings.session_timeout_ms
         self.stopping = threading.Event()
@@ -143,18 +164,22 @@ class ServingLoop:
         while not self.stopping.is_set():
             now = now_us()
             timeout = IDLE_POLL_S if wake is None else min(IDLE_POLL_S, max(0, wake - now) / 1e6)
+            if self._learn_due is not None:
+                timeout = min(timeout, max(0.0, self._learn_due - time.monotonic()))
             messages = consume_ready(consumer, 2000, timeout)
             if messages:
                 self._handle(messages)
             self.tail.drain()
             self._apply_restores()
+            self._resume_learning()
             wake = pipeline.tick(now_us())
+            self._write_learning()
             self.producer.poll(0)
             self._maybe_commit()
         self._drain_and_close()
 
     def _handle(self, messages: list[Any]) -> None:
-        queries, results, feedback = [], [], []
+        queries, results, feedback, observations = [], [], [], []
         for msg in messages:
             err = msg.error()
             if err is not None:
@@ -165,8 +190,10 @@ class ServingLoop:
                 queries.append(msg)
             elif topic == topics.RESPONSES:
                 results.append(msg)
-            else:
+            elif topic == topics.FEEDBACK:
                 feedback.append(msg)
+            else:
+                observations.append(msg)
         now = now_us()
         if results:
             self.pipeline.on_results(results, now)
@@ -174,6 +201,63 @@ class ServingLoop:
             self.pipeline.on_queries(queries, now)
         if feedback:
             self.pipeline.on_feedback(feedback, now)
+        if observations:
+            self._learn(observations)
+
+    # -- learning -----------------------------------------------------------------------
+
+    def _learn(self, messages: list[Any]) -> None:
+        read = self.pipeline.offsets.read
+        records: list[Record] = []
+        for msg in messages:
+            partition, offset = msg.partition(), msg.offset()
+            read(topics.OBSERVATIONS, partition, offset)
+            records.append((msg.key(), msg.value(), partition, offset))
+        self.learner.apply(records)
+        if self._learn_due is None:
+            self._learn_due = time.monotonic() + LEARN_FLUSH_S
+
+    def _write_learning(self, force: bool = False) -> None:
+        due = self._learn_due
+        if due is None:
+            return
+        if force or time.monotonic() >= due or self.learner.unwritten >= LEARN_FLUSH_AT:
+            self._learn_due = None
+            self.learner.flush()
+
+    def _resume_learning(self) -> None:
+        """Observation partitions assigned here are folded once this worker's view holds
+        every state written to them before (by their previous owner, or by this worker)."""
+        if not self._catching_up:
+            return
+        while not self._ends.empty():
+            assignment, ends = self._ends.get_nowait()
+            if assignment == self._assignments:
+                self._changelog_ends = ends
+        if self._changelog_ends is None or not self.tail.caught_up(self._changelog_ends):
+            return
+        assert self.consumer is not None
+        partitions, self._catching_up = self._catching_up, []
+        self.consumer.resume([TopicPartition(topics.OBSERVATIONS, p) for p in partitions])
+        log.info("learning on observation partitions %s", partitions)
+
+    def _ask_changelog_ends(self, assignment: int, partitions: list[int]) -> None:
+        """In a thread of its own: a broker round trip must not hold up the queries of a
+        partition just taken over."""
+        while not self.stopping.is_set() and assignment == self._assignments:
+            try:
+                self._ends.put((assignment, self.tail.end_offsets(partitions)))
+                return
+            except (KafkaException, TimeoutError) as exc:  # the broker is away: ask again
+                log.warning("changelog end offsets not known yet: %s", exc)
+                self.stopping.wait(0.5)
+
+    def _learn_dead_letter(self, record: Record, reason: str) -> None:
+        key, value, partition, offset = record
+        source = (topics.OBSERVATIONS, partition, offset)
+        self.pipeline.emitter.dead_letter(
+            topics.OBSERVATIONS, partition, offset, key, value, reason, "learn", done=source
+        )
 
     def _on_error(self, err: KafkaError) -> None:
         if err.code() != KafkaError._PARTITION_EOF:
@@ -211,6 +295,7 @@ class ServingLoop:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {tp.partition for tp in partitions if tp.topic == topics.QUERIES}
         self.handover.revoked(revoked)
+        self._write_learning(force=True)
         left = self.producer.flush(10)
         if left:
             log.error("%d records not delivered before partitions were revoked", left)
@@ -220,6 +305,9 @@ class ServingLoop:
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         lost = {tp.partition for tp in partitions if tp.topic == topics.QUERIES}
         dropped = self.handover.lost(lost)
+        self._learn_due = None
+        self.learner.drop()
+        self.view.disown()
         log.warning("partitions lost: %s (%d pending queries dropped)", sorted(lost), dropped)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -239,6 +327,22 @@ class ServingLoop:
         # librdkafka keeps a partition's pause across assign(): partitions served on must not
         # stay paused from a restore an earlier rebalance cut short
         consumer.resume([tp for tp in placed if tp.partition not in plan.new])
+        # learning starts from the states last written: this worker's own were written at
+        # the revocation; its view reads the changelog to its end first
+        self._learn_due = None
+        self.learner.drop()
+        self.view.disown()
+        learning = sorted(tp.partition for tp in partitions if tp.topic == topics.OBSERVATIONS)
+        self._assignments += 1
+        self._catching_up, self._changelog_ends = learning, None
+        if learning:
+            consumer.pause([TopicPartition(topics.OBSERVATIONS, p) for p in learning])
+            threading.Thread(
+                target=self._ask_changelog_ends,
+                args=(self._assignments, learning),
+                name="changelog-ends",
+                daemon=True,
+            ).start()
         if plan.new and self.settings.dedup:
             # queries wait for the predictions already made for them; feedback waits for the
             # answers it needs as well
@@ -316,6 +420,7 @@ class ServingLoop:
                     self._handle(messages)
                 pipeline.tick(now_us())
                 self.producer.poll(0)
+            self._write_learning(force=True)
             left = self.producer.flush(10)
             if left:
                 log.error("%d records not delivered at shutdown", left)

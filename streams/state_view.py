@@ -7,7 +7,10 @@ it holds, so all workers choose from the same weights, a changelog write later t
 owner: the staleness is measured (``Sensor.on_state_staleness``) and documented.
 
 The view keeps every key's serialised state (as the changelog does) and a bounded number
-of decoded ones; a key never written is a fresh state of its app."""
+of decoded ones; a key never written is a fresh state of its app. The keys this worker
+writes are its own: the writer puts each state it writes here at once (the very object it
+folds into, so this worker chooses from its latest weights), and their records read back
+from the changelog are skipped (nothing there is newer)."""
 
 from __future__ import annotations
 
@@ -36,17 +39,37 @@ class StateView:
         self.sensor = sensor or Sensor()
         self._raw: dict[str, bytes] = {}
         self._decoded: OrderedDict[str, SelectionState] = OrderedDict()
+        self._own: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._raw)
 
     def apply(self, key: str, value: bytes | None) -> None:
         """A changelog record: the key's new state (None: deleted)."""
+        if key in self._own:
+            return
         if value is None:
             self._raw.pop(key, None)
         else:
             self._raw[key] = value
         self._decoded.pop(key, None)
+
+    def wrote(self, key: str, value: bytes, state: SelectionState) -> None:
+        """This worker wrote ``state`` (serialised: ``value``) as the key's state."""
+        self._own.add(key)
+        self._raw[key] = value
+        self._decoded[key] = state
+        self._decoded.move_to_end(key)
+        if len(self._decoded) > self.decoded_capacity:
+            self._decoded.popitem(last=False)
+
+    def disown(self) -> None:
+        """This worker's keys may be another's now: the changelog is the truth again."""
+        self._own.clear()
+
+    def stored(self, key: str) -> SelectionState | None:
+        """The key's last state read from the changelog (or written here), decoded anew."""
+        return self._stored(key)
 
     def state_for(self, key: str, app: Mapping[str, Any]) -> SelectionState:
         decoded = self._decoded
@@ -78,6 +101,8 @@ class ChangelogTail:
 
     def __init__(self, settings: Settings, view: StateView) -> None:
         self.view = view
+        #: partition -> the offset after the last record read
+        self.position: dict[int, int] = {}
         self.consumer = Consumer(
             settings.kafka(
                 **{
@@ -133,7 +158,27 @@ class ChangelogTail:
                     self.view.sensor.on_state_staleness(max(0.0, now_ms - written) / 1000)
         return len(msgs)
 
+    def end_offsets(self, partitions: list[int], timeout: float = 5.0) -> dict[int, int]:
+        """How far to read these changelog partitions to hold what was written to them
+        until now (asked of the broker; safe from any thread); TimeoutError or
+        KafkaException if the broker does not answer."""
+        ends = {}
+        for p in partitions:
+            got = self.consumer.get_watermark_offsets(
+                TopicPartition(topics.SELECTION_CHANGELOG, p), timeout=timeout, cached=False
+            )
+            if got is None:
+                raise TimeoutError(f"no end offset of {topics.SELECTION_CHANGELOG}[{p}]")
+            low, high = got
+            ends[p] = high if high > low else 0  # empty (or compacted away): nothing to read
+        return ends
+
+    def caught_up(self, ends: Mapping[int, int]) -> bool:
+        """Every record below these end offsets has been read."""
+        return all(self.position.get(p, 0) >= end for p, end in ends.items())
+
     def _apply(self, msg: Any) -> None:
+        self.position[msg.partition()] = msg.offset() + 1
         key = msg.key()
         if key is None:
             return

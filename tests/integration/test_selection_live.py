@@ -62,9 +62,9 @@ def committed_all(settings, group: str, topic: str) -> bool:
 
 def feedback_consumed(settings) -> bool:
     """True once every feedback record was joined to its answers (by the serving group) and
-    every resulting observation folded into its key's state (by the Faust group)."""
+    every resulting observation folded into its key's state (by the same group)."""
     return committed_all(settings, topics.SERVING_GROUP, topics.FEEDBACK) and committed_all(
-        settings, topics.FAUST_APP, topics.OBSERVATIONS
+        settings, topics.SERVING_GROUP, topics.OBSERVATIONS
     )
 
 

@@ -5,12 +5,14 @@ polled, and a registry with a few apps."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from models.registry import Registry
+from selection import SelectionState
 from streams import codec, topics
 from streams.config import Settings
 from streams.pipeline import Pipeline, now_us
@@ -72,6 +74,27 @@ class FakeError:
 
     def __str__(self) -> str:
         return f"error {self._code}"
+
+
+class MemoryStore(dict):
+    """A selection table in memory for the learner (streams.learning.StateStore): selection
+    key bytes -> the state as the changelog would hold it (JSON, decoded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        #: observations the writes made done, in order
+        self.done: list[tuple[int, int]] = []
+
+    def stored(self, key: str) -> SelectionState | None:
+        value = self.get(key.encode())
+        return SelectionState.from_state(value) if value else None
+
+    def write(self, states: Mapping[str, SelectionState], observed: list[tuple[int, int]]) -> None:
+        for key, state in states.items():
+            self.writes += 1
+            self[key.encode()] = json.loads(json.dumps(state.to_state()))
+        self.done.extend(observed)
 
 
 class RecordingProducer:

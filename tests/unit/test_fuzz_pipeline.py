@@ -23,7 +23,13 @@ from streams.learning import Learner
 from streams.limits import MAX_DEADLINE_MS
 from streams.pipeline import Pipeline, now_us
 from tests.unit import fakes
-from tests.unit.fakes import FakeMessage, RecordingProducer, make_registry, result_for
+from tests.unit.fakes import (
+    FakeMessage,
+    MemoryStore,
+    RecordingProducer,
+    make_registry,
+    result_for,
+)
 from tests.unit.fuzz_counts import report_inputs, tried
 
 pytestmark = pytest.mark.usefixtures("report_inputs")
@@ -310,8 +316,7 @@ def test_feedback_is_observed_or_dead_lettered_and_weights_stay_finite(
     assert done == {0: len(values)}, "every feedback message is done"
     # the key's writer folds the observations; bad snapshots are refused, not installed
     learned: list[str] = []
-    table: dict[bytes, Any] = {}
-    learner = Learner(table, pipe.registry, dead_letter=lambda r, why: learned.append(why))
+    learner = Learner(MemoryStore(), pipe.registry, dead_letter=lambda r, why: learned.append(why))
     observations = [
         (k, v, 0, i) for i, (t, v, k, _) in enumerate(producer.sent) if t == topics.OBSERVATIONS
     ]

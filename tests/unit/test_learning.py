@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 
 from selection import SelectionState
-from streams import codec
-from streams.learning import Learner
+from streams import codec, topics
+from streams.emit import Emitter
+from streams.learning import ChangelogStore, Learner
+from streams.offsets import Offsets
 from streams.replay import Observed, rebuild
+from streams.sensors import Sensor
 from streams.state_view import StateView
-from tests.unit.fakes import make_registry
+from tests.unit.fakes import MemoryStore, RecordingProducer, make_registry
 
 
 def observation(qid: str, labels: dict[str, str | None], truth: str, fb_offset: int, **kw) -> dict:
@@ -53,7 +56,7 @@ def records(observations: list[dict], start: int = 0, partition: int = 1) -> lis
 
 def test_live_folding_in_chunks_equals_replay_bit_for_bit() -> None:
     registry = make_registry("EXP4", ("m1", "m2"))
-    table: dict[bytes, dict] = {}
+    table = MemoryStore()
     learner = Learner(table, registry)
     log = records(stream(500))
     for i in range(0, len(log), 37):  # fetched batches of any size
@@ -73,7 +76,7 @@ def test_live_folding_in_chunks_equals_replay_bit_for_bit() -> None:
 
 def test_a_redelivered_observation_is_not_applied_twice() -> None:
     registry = make_registry("EXP4", ("m1", "m2"))
-    table: dict[bytes, dict] = {}
+    table = MemoryStore()
     learner = Learner(table, registry)
     log = records(stream(40))
     learner.apply(log)
@@ -89,7 +92,7 @@ def test_a_redelivered_observation_is_not_applied_twice() -> None:
 
 def test_a_snapshot_replaces_the_state_and_keeps_what_came_after_the_replay_read() -> None:
     registry = make_registry("EXP4", ("m1", "m2"))
-    table: dict[bytes, dict] = {}
+    table = MemoryStore()
     learner = Learner(table, registry)
     log = records(stream(60))
     learner.apply(log[:50])
@@ -120,7 +123,9 @@ def test_a_snapshot_replaces_the_state_and_keeps_what_came_after_the_replay_read
 def test_garbage_on_the_observations_topic_is_dead_lettered() -> None:
     registry = make_registry("EXP4", ("m1", "m2"))
     letters: list[str] = []
-    learner = Learner({}, registry, dead_letter=lambda record, reason: letters.append(reason))
+    learner = Learner(
+        MemoryStore(), registry, dead_letter=lambda record, reason: letters.append(reason)
+    )
     other = observation("q", {"m1": "1"}, "1", 0)
     other["app"] = "gone"
     learner.apply([(b"app", b"\x00junk", 0, 0), (b"app", codec.encode("Observation", other), 0, 1)])
@@ -130,7 +135,7 @@ def test_garbage_on_the_observations_topic_is_dead_lettered() -> None:
 def test_every_worker_chooses_from_what_the_writer_wrote() -> None:
     registry = make_registry("EXP4", ("m1", "m2"))
     app = registry.app("app")
-    table: dict[bytes, dict] = {}
+    table = MemoryStore()
     learner = Learner(table, registry)
     learner.apply(records(stream(300)))
     learner.flush()
@@ -148,19 +153,9 @@ def test_every_worker_chooses_from_what_the_writer_wrote() -> None:
     assert view.state_for("app", app).weights()["m1"] == pytest.approx(0.5)
 
 
-class CountingTable(dict):
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes = 0
-
-    def __setitem__(self, key: bytes, value: dict) -> None:
-        self.writes += 1
-        super().__setitem__(key, value)
-
-
 def test_each_key_is_written_once_per_flush_however_many_observations() -> None:
     registry = make_registry("EXP4", ("m1", "m2"), personalised=True)
-    table = CountingTable()
+    table = MemoryStore()
     learner = Learner(table, registry)
     log = [
         observation(f"q{i}", {"m1": "1", "m2": "0"}, "1", i, key=f"app|u{i % 3}", user=f"u{i % 3}")
@@ -176,7 +171,6 @@ def test_each_key_is_written_once_per_flush_however_many_observations() -> None:
 
 def test_weights_are_reported_for_shared_states_only() -> None:
     """A personalised app has a state per user: too many series for Prometheus labels."""
-    from streams.sensors import Sensor
 
     class Recording(Sensor):
         def __init__(self) -> None:
@@ -187,14 +181,79 @@ def test_weights_are_reported_for_shared_states_only() -> None:
 
     sensor = Recording()
     registry = make_registry("EXP4", ("m1", "m2"), personalised=True)
-    learner = Learner({}, registry, sensor)
+    learner = Learner(MemoryStore(), registry, sensor)
     users = [
         observation(f"q{i}", {"m1": "1"}, "1", i, key=f"app|u{i}", user=f"u{i}") for i in range(50)
     ]
     learner.apply(records(users))
     learner.flush()
     assert sensor.weights == []
-    shared = Learner({}, make_registry("EXP4", ("m1", "m2")), sensor)
+    shared = Learner(MemoryStore(), make_registry("EXP4", ("m1", "m2")), sensor)
     shared.apply(records(stream(10)))
     shared.flush()
     assert sensor.weights == ["app"]
+
+
+def test_observations_are_done_only_with_the_write_that_holds_them() -> None:
+    """Applied and already-applied observations alike wait for the next write: the state
+    that has them may not be stored yet. A dropped learner (its partitions taken away
+    without a revocation) writes nothing and makes nothing done."""
+    registry = make_registry("EXP4", ("m1", "m2"))
+    table = MemoryStore()
+    learner = Learner(table, registry)
+    log = records(stream(10))
+    learner.apply(log)
+    learner.apply(records([codec.decode("Observation", v) for _, v, _, _ in log[:3]], start=10))
+    assert table.done == [] and learner.unwritten == 13
+    learner.flush()
+    assert table.done == [(1, i) for i in range(13)]
+    learner.apply(records(stream(5, seed=1), start=13))
+    learner.drop()
+    assert learner.flush() == 0 and table.done == [(1, i) for i in range(13)]
+    assert learner.states == {} and table.writes == 1
+
+
+def test_the_changelog_store_writes_each_key_to_its_partition_and_is_done_when_all_land() -> None:
+
+    producer, offsets, view = RecordingProducer(), Offsets(), StateView()
+    store = ChangelogStore(view, Emitter(producer, offsets, Sensor()), partitions=4)
+    registry = make_registry("EXP4", ("m1", "m2"), personalised=True)
+    learner = Learner(store, registry)
+    log = [
+        observation(f"q{i}", {"m1": "1", "m2": "0"}, "1", i, key=f"app|u{i % 3}", user=f"u{i % 3}")
+        for i in range(9)
+    ]
+    for i, o in enumerate(log):
+        offsets.read(topics.OBSERVATIONS, 2, i)
+        learner.apply(records([o], start=i, partition=2))
+    learner.flush()
+    sent = [(key, kw) for t, _, key, kw in producer.sent if t == topics.SELECTION_CHANGELOG]
+    assert sorted(key for key, _ in sent) == [b"app|u0", b"app|u1", b"app|u2"]
+    for key, kw in sent:
+        assert kw["partition"] == topics.partition_for(key.decode(), 4)
+    # the writer chooses from its own latest state at once, before the changelog has it
+    app = registry.app("app")
+    assert view.state_for("app|u0", app) is learner.states["app|u0"]
+    # two of three writes delivered: nothing done yet; the third: all nine
+    callbacks = [kw["on_delivery"] for _, kw in sent]
+    callbacks[0](None, None)
+    callbacks[1](None, None)
+    assert offsets.to_commit() == {}
+    callbacks[2](None, None)
+    assert offsets.to_commit() == {(topics.OBSERVATIONS, 2): 9}
+    # its own records read back from the changelog change nothing; after a rebalance the
+    # changelog is the truth again
+    before = view.state_for("app|u0", app)
+    view.apply("app|u0", json.dumps(SelectionState.following(None, app).to_state()).encode())
+    assert view.state_for("app|u0", app) is before
+    view.disown()
+    view.apply("app|u0", json.dumps(SelectionState.following(None, app).to_state()).encode())
+    assert view.state_for("app|u0", app).weights()["m1"] == pytest.approx(0.5)
+
+
+def test_a_flush_with_nothing_to_write_makes_its_observations_done_at_once() -> None:
+
+    producer, offsets = RecordingProducer(), Offsets()
+    offsets.read(topics.OBSERVATIONS, 0, 7)
+    Emitter(producer, offsets, Sensor()).states([], [(topics.OBSERVATIONS, 0, 7)])
+    assert producer.sent == [] and offsets.to_commit() == {(topics.OBSERVATIONS, 0): 8}
