@@ -54,8 +54,8 @@ class TopicPlan:
     """Partition counts. Queries, responses, feedback and predictions share one count: a
     query, its model answers, its feedback and its prediction all live on the same
     partition number (streams.serving). Observations and the selection table's changelog
-    share it too: Faust gives a worker the same partition number of both, so the one
-    writer of a selection key owns its changelog partition."""
+    share it too: the worker given a key's observations partition writes the key's state
+    to the same partition number of the changelog (streams.learning)."""
 
     partitions: int = 4
     retention_ms: int = 7 * 24 * 3600 * 1000
