@@ -3,8 +3,8 @@
 A prediction, an observation or a dead letter is produced with the input message it
 completes (topic, partition, offset), selection states with the observations folded into
 them (a ``Group``); an input is marked done in ``Offsets`` only when Kafka has what it
-caused, so the offset committed never passes an input whose result
-could still be lost. A produce Kafka refuses for good (a record too large for the topic,
+caused, so the offset committed never passes an input whose result could still be lost.
+A produce Kafka refuses for good (a record too large for the topic,
 no permission) is retried once, then dead-lettered with the reason, and the input counts
 as done: one bad record must not stop its partition. A produce that only timed out (the
 broker unreachable) is retried until it is delivered: moving on would lose it."""

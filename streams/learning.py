@@ -97,13 +97,6 @@ class Learner:
         """Observations read and not yet handed to the store."""
         return len(self._observed)
 
-    def forget(self) -> None:
-        """Partitions moved: states are read from the table again when next needed (what
-        was folded is written first: its observations are done only after)."""
-        self.flush()
-        self.states.clear()
-        self.recent.clear()
-
     def drop(self) -> None:
         """Partitions taken away without a revocation: their next owner may be writing
         already, so what was folded here is not written (nor its observations done: they

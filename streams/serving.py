@@ -252,6 +252,13 @@ class ServingLoop:
                 log.warning("changelog end offsets not known yet: %s", exc)
                 self.stopping.wait(0.5)
 
+    def _give_up_learning(self) -> None:
+        """The observation partitions may be another worker's now: nothing folded here is
+        written, and the changelog is the truth for every key again."""
+        self._learn_due = None
+        self.learner.drop()
+        self.view.disown()
+
     def _learn_dead_letter(self, record: Record, reason: str) -> None:
         key, value, partition, offset = record
         source = (topics.OBSERVATIONS, partition, offset)
@@ -305,9 +312,7 @@ class ServingLoop:
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         lost = {tp.partition for tp in partitions if tp.topic == topics.QUERIES}
         dropped = self.handover.lost(lost)
-        self._learn_due = None
-        self.learner.drop()
-        self.view.disown()
+        self._give_up_learning()
         log.warning("partitions lost: %s (%d pending queries dropped)", sorted(lost), dropped)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -329,9 +334,7 @@ class ServingLoop:
         consumer.resume([tp for tp in placed if tp.partition not in plan.new])
         # learning starts from the states last written: this worker's own were written at
         # the revocation; its view reads the changelog to its end first
-        self._learn_due = None
-        self.learner.drop()
-        self.view.disown()
+        self._give_up_learning()
         learning = sorted(tp.partition for tp in partitions if tp.topic == topics.OBSERVATIONS)
         self._assignments += 1
         self._catching_up, self._changelog_ends = learning, None

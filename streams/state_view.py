@@ -67,15 +67,11 @@ class StateView:
         """This worker's keys may be another's now: the changelog is the truth again."""
         self._own.clear()
 
-    def stored(self, key: str) -> SelectionState | None:
-        """The key's last state read from the changelog (or written here), decoded anew."""
-        return self._stored(key)
-
     def state_for(self, key: str, app: Mapping[str, Any]) -> SelectionState:
         decoded = self._decoded
         state = decoded.get(key)
         if state is None:
-            state = decoded[key] = SelectionState.following(self._stored(key), app)
+            state = decoded[key] = SelectionState.following(self.stored(key), app)
             if len(decoded) > self.decoded_capacity:
                 decoded.popitem(last=False)
         else:
@@ -84,7 +80,8 @@ class StateView:
                 state = decoded[key] = SelectionState.following(state, app)
         return state
 
-    def _stored(self, key: str) -> SelectionState | None:
+    def stored(self, key: str) -> SelectionState | None:
+        """The key's last state read from the changelog (or written here), decoded anew."""
         raw = self._raw.get(key)
         if raw is None:
             return None
@@ -126,23 +123,15 @@ class ChangelogTail:
     def catch_up(self, timeout: float = 60.0) -> int:
         """Read up to the changelog's end as of now (a restarted worker chooses from the
         weights it had); returns the number of records read."""
-        ends = {}
-        for p in self.partitions:
-            low, high = self.consumer.get_watermark_offsets(
-                TopicPartition(topics.SELECTION_CHANGELOG, p), timeout=timeout
-            )
-            if high > low:
-                ends[p] = high
+        ends = self.end_offsets(self.partitions, timeout)
         read = 0
         deadline = time.monotonic() + timeout
-        while ends and time.monotonic() < deadline:
+        while not self.caught_up(ends) and time.monotonic() < deadline:
             for msg in self.consumer.consume(1000, 0.2):
                 if msg.error() is None:
                     self._apply(msg)
                     read += 1
-                    if msg.offset() + 1 >= ends.get(msg.partition(), 0):
-                        ends.pop(msg.partition(), None)
-        if ends:
+        if not self.caught_up(ends):
             raise TimeoutError(f"selection changelog not read to its end in {timeout}s")
         return read
 
