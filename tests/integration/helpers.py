@@ -119,7 +119,7 @@ def learnt_everything(settings: Settings) -> bool:
     """Every feedback record joined to its answers by the serving group, and every
     observation folded into its key's state (the serving group as well)."""
     return group_caught_up(settings, topics.FEEDBACK) and group_caught_up(
-        settings, topics.OBSERVATIONS, topics.SERVING_GROUP
+        settings, topics.OBSERVATIONS
     )
 
 

@@ -27,6 +27,7 @@ from streams.broker import (
     status_detached,
     stop_detached,
 )
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -43,15 +44,6 @@ def pid_gone(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
-
-
-def wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pid_gone(pid):
-            return True
-        time.sleep(0.05)
-    return pid_gone(pid)
 
 
 def kill_if_alive(pid: int | None) -> None:
@@ -214,7 +206,7 @@ def test_broker_dies_with_its_python_process(how: str, tmp_path: Path) -> None:
     pid = int(child.stdout.split()[0]) if child.stdout.strip() else None
     try:
         assert pid is not None, child.stderr[-3000:]
-        assert wait_gone(pid, 30), f"broker {pid} outlived its parent ({how})"
+        wait_for(lambda: pid_gone(pid), 30, f"broker {pid} to die with its parent ({how})")
     finally:
         kill_if_alive(pid)
 
@@ -232,7 +224,7 @@ def test_detached_broker_lifecycle(tmp_path: Path) -> None:
         admin = AdminClient({"bootstrap.servers": state["bootstrap"]})
         assert admin.list_topics(timeout=10).brokers
         assert stop_detached(state_dir) is True
-        assert wait_gone(pid, 10)
+        wait_for(lambda: pid_gone(pid), 10, f"broker {pid} to be gone")
         assert status_detached(state_dir) is None
         assert stop_detached(state_dir) is False
     finally:

@@ -4,15 +4,13 @@ with stragglers, weights surviving a worker crash, and replay."""
 from __future__ import annotations
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
 from models import registry
 from models.training import digits_split
-from streams import topics
 from streams.replay import replay
 from streams.sdk import Client, PredictionReader
 from tests.conftest import wait_for
-from tests.integration.helpers import collect, wait_until_serving
+from tests.integration.helpers import collect, learnt_everything, wait_until_serving
 
 pytestmark = pytest.mark.integration
 
@@ -44,30 +42,6 @@ def stream_with_feedback(client, reader, app, X, y, timeout=60) -> dict[str, dic
     return {q: {**got[q][0], "truth": label} for q, label in truth.items()}
 
 
-def committed_all(settings, group: str, topic: str) -> bool:
-    """True once ``group`` has committed every offset of ``topic``."""
-    consumer = Consumer(settings.kafka(**{"group.id": group, "enable.auto.commit": False}))
-    try:
-        parts = consumer.list_topics(topic, timeout=10).topics[topic]
-        tps = [TopicPartition(topic, p) for p in parts.partitions]
-        committed = consumer.committed(tps, timeout=10)
-        return all(
-            c.offset >= consumer.get_watermark_offsets(tp, timeout=10)[1]
-            or consumer.get_watermark_offsets(tp, timeout=10)[1] == 0
-            for c, tp in zip(committed, tps, strict=True)
-        )
-    finally:
-        consumer.close()
-
-
-def feedback_consumed(settings) -> bool:
-    """True once every feedback record was joined to its answers (by the serving group) and
-    every resulting observation folded into its key's state (by the same group)."""
-    return committed_all(settings, topics.SERVING_GROUP, topics.FEEDBACK) and committed_all(
-        settings, topics.SERVING_GROUP, topics.OBSERVATIONS
-    )
-
-
 def probe(client, reader, app, x) -> dict:
     qid = client.send_query(app, x.tolist(), deadline_ms=20_000)
     client.flush()
@@ -94,7 +68,7 @@ def test_exp4_learns_shifts_away_survives_restart_and_replays(deployed, processe
 
     first = stream_with_feedback(client, reader, app, X[:300], y[:300])
     accuracy = sum(p["label"] == p["truth"] for p in first.values()) / 300
-    wait_for(lambda: feedback_consumed(deployed), 60, "the worker to apply all feedback")
+    wait_for(lambda: learnt_everything(deployed), 60, "the worker to apply all feedback")
     learned = weights_of(probe(client, reader, app, X[300]))
     assert max(learned, key=learned.get) == BEST, learned
     assert learned[BEST] > 0.5 and learned[WEAK] < 0.1, learned
@@ -136,7 +110,7 @@ def test_exp4_learns_shifts_away_survives_restart_and_replays(deployed, processe
     second = stream_with_feedback(client, reader, app, X[303:483], y[303:483], timeout=90)
     assert not any(p["default"] for p in second.values())
     assert all(f"{BEST}@1" not in p["models"] for p in list(second.values())[-50:])
-    wait_for(lambda: feedback_consumed(deployed), 60, "the worker to apply all feedback")
+    wait_for(lambda: learnt_everything(deployed), 60, "the worker to apply all feedback")
     shifted = weights_of(probe(client, reader, app, X[483]))
     assert shifted[BEST] < learned[BEST] / 2, (learned, shifted)
     assert max(shifted, key=shifted.get) == MIDDLE, shifted
