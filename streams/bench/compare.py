@@ -26,6 +26,7 @@ from streams.bench import systems
 from streams.bench.loadgen import LoadResult, Protocol, run_load, wait_ready
 from streams.bench.meter import PhaseMeter
 from streams.bench.peer import PeerUnavailable
+from streams.bench.warmup import WarmUp, broker_jit, warm_up
 from streams.config import Settings
 from streams.processes import Child
 
@@ -214,25 +215,30 @@ def measure(
             _stop(children)
 
 
-def warm_broker(ctx: systems.Context, X: np.ndarray, plan: Plan, progress: Progress) -> None:
+def warm_broker(ctx: systems.Context, X: np.ndarray, plan: Plan, progress: Progress) -> WarmUp:
     """A broker that just started (JIT, page cache, group coordinator) is slow for its
-    first seconds; that cost belongs to no system, so it is paid unmeasured, through the
-    floor's relay: it has no model, so no system under test inherits a backlog (a
-    one-row forest in the naive loop serves ~250 q/s, far below the warm-up's rate)."""
+    first seconds; that cost belongs to no system, so it is paid unmeasured
+    (streams.bench.warmup), through the floor's relay: it has no model, so no system under
+    test inherits a backlog (a one-row forest in the naive loop serves ~250 q/s, far below
+    the warm-up's rate)."""
     protocol, children = systems.start("floor", ctx)
     try:
         wait_ready(ctx.settings, protocol, X)
-        run_load(
-            ctx.settings,
-            "floor",
-            protocol,
-            X,
-            # long and fast enough for the broker's JIT to compile what it runs hot
-            rate=max(plan.light_rate * 5, 2000.0),
-            duration_s=plan.warm_broker_s,
-            warmup_s=0.0,
-            progress=lambda s, g: progress("broker warm-up (not counted)", -1, s, g),
-        )
+
+        def run(seconds: float) -> None:
+            run_load(
+                ctx.settings,
+                "floor",
+                protocol,
+                X,
+                # fast enough for the broker's JIT to meet what it runs hot soon
+                rate=max(plan.light_rate * 5, 2000.0),
+                duration_s=seconds,
+                warmup_s=0.0,
+                progress=lambda s, g: progress("broker warm-up (not counted)", -1, s, g),
+            )
+
+        return warm_up(run, broker_jit(ctx.settings), plan.warm_broker_s)
     finally:
         _stop(children)
 
@@ -302,9 +308,10 @@ def run_compare(
     )
     results: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
+    warmed = None
     try:
         if plan.warm_broker_s > 0:
-            warm_broker(ctx, X, plan, progress)
+            warmed = warm_broker(ctx, X, plan, progress)
         for name in plan.systems:
             try:
                 load_before = os.getloadavg()[0]
@@ -338,6 +345,7 @@ def run_compare(
         "targets": targets,
         "cpus": os.cpu_count(),
         "plan": plan.__dict__,
+        "broker_warm_up": warmed.__dict__ if warmed is not None else None,
         "systems": results,
         "skipped": skipped,
         "ratios": ratios(results),

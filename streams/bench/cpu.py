@@ -17,7 +17,8 @@ PROC = Path("/proc")
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` (``pid`` may be ``"<pid>/task/<tid>"``)."""
     try:
         text = (PROC / str(pid) / "stat").read_text()
     except OSError:  # gone, or not ours to read
@@ -59,6 +60,32 @@ def cpu_seconds(
         ticks += sum(int(v) for v in f[11:15])
         todo.extend(children.get(member, ()))
     return ticks * _TICK_S
+
+
+#: what HotSpot names its JIT compiler threads ("C2 CompilerThread0", cut by Linux to 15
+#: characters)
+JIT_THREADS = ("C1 CompilerThre", "C2 CompilerThre")
+
+
+def jit_seconds(pid: int) -> float | None:
+    """CPU seconds a JVM's JIT compiler threads have used; None if the process is gone or
+    has no such threads (not a HotSpot JVM)."""
+    try:
+        tasks = list((PROC / str(pid) / "task").iterdir())
+    except OSError:
+        return None
+    ticks, found = 0, False
+    for task in tasks:
+        try:
+            if not (task / "comm").read_text().startswith(JIT_THREADS):
+                continue
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = _stat_fields(f"{pid}/task/{task.name}")
+        if fields is not None:
+            ticks += int(fields[11]) + int(fields[12])
+            found = True
+    return ticks * _TICK_S if found else None
 
 
 def pid_listening_on(port: int) -> int | None:

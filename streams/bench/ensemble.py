@@ -38,8 +38,16 @@ from models.training import digits_split, train_digits_models
 from streams import topics
 from streams.bench.compare import Plan, Progress, sweep
 from streams.bench.loadgen import LoadResult, produce, run_load, wait_ready
-from streams.bench.meter import SYSTEM, DeadLetters, PhaseMeter, Watched, shared_processes
+from streams.bench.meter import (
+    SYSTEM,
+    DeadLetters,
+    LearningDone,
+    PhaseMeter,
+    Watched,
+    shared_processes,
+)
 from streams.bench.systems import avro_protocol, spawn_clipstream, wait_for_workers
+from streams.bench.warmup import broker_jit, warm_up, warm_up_parts
 from streams.config import Settings
 
 MODELS = ("digits-logreg", "digits-forest", "digits-svc")
@@ -98,19 +106,25 @@ def run_ensemble(
         )
         ready_s = wait_ready(settings, protocol, X)
         watched = [Watched(c.name, SYSTEM, c.pid, metrics_url=urls.get(c.name)) for c in children]
-        meter = PhaseMeter(watched + shared_processes(settings))
+        warmed = None
         if plan.warm_broker_s > 0:
-            run_load(
-                settings,
-                suite,
-                protocol,
-                X,
-                rate=plan.light_rate,
-                duration_s=plan.warm_broker_s,
-                warmup_s=0.0,
-                deadline_ms=plan.deadline_ms,
-                progress=lambda s, g: progress("warm-up (not counted)", -1, s, g),
-            )
+
+            def run(seconds: float) -> None:
+                run_load(
+                    settings,
+                    suite,
+                    protocol,
+                    X,
+                    rate=plan.light_rate,
+                    duration_s=seconds,
+                    warmup_s=0.0,
+                    deadline_ms=plan.deadline_ms,
+                    progress=lambda s, g: progress("warm-up (not counted)", -1, s, g),
+                )
+
+            warmed = warm_up(run, broker_jit(settings), plan.warm_broker_s)
+        learnt = LearningDone(settings)
+        meter = PhaseMeter(watched + shared_processes(settings), settled=learnt)
         dead = DeadLetters(settings)
         try:
             points, best, failed = sweep(
@@ -128,6 +142,7 @@ def run_ensemble(
                     "model_format": plan.model_format,
                 },
                 "ready_s": round(ready_s, 2),
+                "broker_warm_up": warmed.__dict__ if warmed is not None else None,
                 "slo_ms": plan.slo_ms,
                 "sweep": points,
                 "max_rate_under_slo": best,
@@ -140,6 +155,7 @@ def run_ensemble(
                 )
         finally:
             dead.close()
+            learnt.close()
     finally:
         for child in children:
             child.stop()
@@ -255,6 +271,7 @@ def summary_line(figures: dict[str, Any]) -> str:
             at.cost.get("cpu_us_per_query", {}).get("system") if at else None, 0
         ),
     }
+    parts.update(warm_up_parts(figures.get("broker_warm_up")))
     fb = figures.get("feedback")
     if fb is not None:
         parts["feedback_applied_per_s"] = fmt(fb["burst"]["applied_per_s"], 0)

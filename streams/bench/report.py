@@ -11,6 +11,7 @@ from rich.table import Table
 
 from streams.bench.compare import capacity_of, held
 from streams.bench.loadgen import LoadResult
+from streams.bench.warmup import warm_up_parts
 
 
 def to_jsonable(value: Any) -> Any:
@@ -197,6 +198,7 @@ def summary_line(figures: dict[str, Any], system: str = "clipstream") -> str:
         "ceiling_vs_naive": _fmt(r["ceiling_vs_naive"], 2),
         "cpu_vs_naive": _fmt(r["cpu_vs_naive"], 2),
     }
+    parts.update(warm_up_parts(figures.get("broker_warm_up")))
     return "bench: " + " ".join(f"{k}={v}" for k, v in parts.items())
 
 

@@ -189,6 +189,10 @@ def test_the_sweep_is_refined_at_the_knee(kafka_settings: Settings, tmp_path: Pa
     figures = json.loads(out.read_text())
     assert set(figures["systems"]) == {"naive", "clipstream"}
     assert all(f["light"]["lost"] == 0 for f in figures["systems"].values())
+    # the test broker is a HotSpot JVM: its JIT is seen, and the warm-up lasted at least the
+    # minimum, then until the JIT went quiet (or the cap)
+    warmed = figures["broker_warm_up"]
+    assert warmed["jit_cores"] is not None and warmed["seconds"] >= 0.5
     slo = figures["plan"]["slo_ms"]
     best = {}
     for name, f in figures["systems"].items():
