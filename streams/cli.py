@@ -712,7 +712,8 @@ def demo(rate: float, replicas: int, workdir: Path | None) -> None:
     type=float,
     default=8.0,
     show_default=True,
-    help="seconds of unmeasured load before the first system",
+    help="unmeasured load before the first system: at least these seconds, then until the "
+    "broker's JIT compiler is quiet (at most 90 s; 0: none)",
 )
 @click.option(
     "--workers",
