@@ -84,7 +84,12 @@ class Pipeline:
         self.rng = rng or np.random.default_rng()
         self.offsets = Offsets()
         self.pending = PendingQueries()
-        self.dispatch = Dispatcher(producer, self.sensor, settings.inflight_per_replica)
+        self.dispatch = Dispatcher(
+            producer,
+            self.sensor,
+            settings.inflight_per_replica,
+            settings.batch_idle_wait_ms * 1000,
+        )
         self.emitter = Emitter(producer, self.offsets, self.sensor)
         self.cache = PredictionCache(settings.cache_size)
         self.emitted = EmittedIds(settings.dedup_memory)

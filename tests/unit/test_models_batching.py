@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 from models.batching import AIMDController, BatchPolicy, BatchQueue
 
 
@@ -48,6 +50,30 @@ def test_policy_sends_to_an_idle_model_at_once_and_batches_for_a_busy_one() -> N
     assert policy.take(3, 2_000, idle=False) == 3  # ...until it is over
     assert policy.take(20, 0, idle=False) == 8  # or a full batch, at most the AIMD limit
     assert policy.due_us(100) == 2_100
+
+
+def test_an_idle_model_whose_rows_come_densely_waits_for_a_second_row() -> None:
+    policy = BatchPolicy(AIMDController(slo_us=1e9, initial=8), 2_000, idle_wait_us=8_000)
+    assert policy.take(1, 0, idle=True, gap_us=None) == 1  # no gap known: at once
+    assert policy.take(1, 0, idle=True, gap_us=12_000) == 1  # rows sparser than the wait
+    assert policy.take(1, 1_000, idle=True, gap_us=5_000) == 0  # dense: wait for another
+    assert policy.take(2, 1_000, idle=True, gap_us=5_000) == 2  # ...which came
+    assert policy.take(1, 8_000, idle=True, gap_us=5_000) == 1  # or the wait ran out
+    assert policy.due_us(100, idle=True) == 8_100 and policy.due_us(100) == 2_100
+    # without an idle wait (the policy's default) an idle model never waits
+    assert BatchPolicy(AIMDController(slo_us=1e9), 2_000).take(1, 0, True, gap_us=10.0) == 1
+
+
+def test_queue_follows_the_gap_between_its_rows() -> None:
+    q: BatchQueue[str] = BatchQueue()
+    q.add("a", now_us=0)
+    assert q.gap_us is None
+    q.add("b", now_us=5_000)
+    assert q.gap_us == 5_000
+    q.take(2)  # an empty queue keeps what it learnt of the rate
+    q.add("c", now_us=15_000)
+    assert q.gap_us == pytest.approx(0.8 * 5_000 + 0.2 * 10_000)
+    assert q.first() == "c"
 
 
 def test_queue_hands_out_oldest_rows_and_keeps_the_oldest_arrival() -> None:

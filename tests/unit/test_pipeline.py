@@ -189,6 +189,37 @@ def test_by_default_one_batch_per_replica_is_in_flight_and_the_rest_batch_up_beh
     assert len(producer.on(topics.PREDICTIONS, "Prediction")) == 4
 
 
+def test_an_idle_model_holds_a_row_for_a_second_one_while_rows_come_densely() -> None:
+    pipe, producer = make_pipeline(batch_idle_wait_ms=8.0)
+    start = now_us()
+
+    def arrive(qid: str, at: int, offset: int, deadline_ms: float = LONG) -> int | None:
+        # features of its own: a cache hit would need no batch
+        features = [float(offset), 2.0, 3.0]
+        pipe.on_queries([query(qid, features, offset=offset, deadline_ms=deadline_ms, sent=at)], at)
+        return pipe.tick(at)
+
+    def answered() -> list[int]:
+        """Play the replica: the rows of each batch sent since the last call, answered."""
+        rows = [b["rows"] for b in producer.on(topics.model_requests("m1"), "ModelBatch")]
+        answer_batches(pipe, producer)  # the model is idle again
+        return rows
+
+    arrive("q0", start, 0)  # no gap known yet: at once
+    assert answered() == [1]
+    wake = arrive("q1", start + 4_000, 1)  # rows 4 ms apart, under the 8 ms wait: q1 waits
+    assert wake == start + 4_000 + 8_000 and answered() == []
+    arrive("q2", start + 8_000, 2)  # the second row came: both go as one batch
+    assert answered() == [2]
+    arrive("q3", start + 12_000, 3)
+    assert answered() == []
+    pipe.tick(start + 20_000)  # no second row within the wait: q3 goes alone
+    assert answered() == [1]
+    arrive("tight", start + 24_000, 4, deadline_ms=20)  # 20 ms left is < 4 x 8 ms: no wait
+    assert answered() == [1]
+    assert len(producer.on(topics.PREDICTIONS, "Prediction")) == 5
+
+
 def test_a_straggler_is_recorded_in_the_answers_and_remembered_as_a_loss() -> None:
     pipe, producer = make_pipeline(make_registry("EXP4", ("m1", "m2")))
     start = now_us()
