@@ -44,8 +44,10 @@ class Settings:
     batch_max: int = 256
     batch_wait_ms: float = 2.0
     #: an idle model's row waits up to this long for a second one while the model's rows
-    #: come closer together than this (models.batching.BatchPolicy); 0: never
-    batch_idle_wait_ms: float = 8.0
+    #: come closer together than this (models.batching.BatchPolicy); 0 (the default):
+    #: never. It saves CPU where the machine is short of it and costs about one arrival
+    #: gap of latency (docs/benchmarks.md, "An idle model's wait")
+    batch_idle_wait_ms: float = 0.0
     #: batches a model may have in flight per live replica: one, as in Clipper (a second
     #: slot hid the Kafka round trip but filled with one-row batches, so a model with a
     #: costly call spent its time on per-call overhead: bench sweeps, slots 1 vs 2)
