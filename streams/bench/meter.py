@@ -26,7 +26,9 @@ from streams.status import Samples, delta, quantile, scrape, select
 #: roles of the watched processes: the system's own, and what every system shares
 SYSTEM, BROKER, LOADGEN = "system", "broker", "loadgen"
 FEEDBACK_RESULTS = ("applied", "rejected", "replayed", "invalid")
-SETTLE_POLL_S = 0.02
+#: how often a phase with feedback asks the broker whether it has all been dealt with
+#: (each ask is a few broker round trips: a committed-offsets fetch and the end offsets)
+SETTLE_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -81,18 +83,19 @@ class PhaseMeter:
     def snapshot(self) -> Snapshot:
         """CPU first, then the workers' metrics: a scrape costs a worker ~3 ms of CPU,
         which belongs to the bench, so it falls after the window's end."""
-        tree = children_of()
-        at = time.monotonic()
-        cpu = {w.name: cpu_seconds(w.pid, tree=w.tree, children=tree) for w in self.watched}
+        at, cpu = self._cpu()
         return Snapshot(at, cpu, self._scrape())
 
     def start(self) -> Snapshot:
         """The metrics first, then CPU: the scrape falls before the window's start."""
         samples = self._scrape()
+        at, cpu = self._cpu()
+        return Snapshot(at, cpu, samples)
+
+    def _cpu(self) -> tuple[float, dict[str, float | None]]:
         tree = children_of()
         at = time.monotonic()
-        cpu = {w.name: cpu_seconds(w.pid, tree=w.tree, children=tree) for w in self.watched}
-        return Snapshot(at, cpu, samples)
+        return at, {w.name: cpu_seconds(w.pid, tree=w.tree, children=tree) for w in self.watched}
 
     def _scrape(self) -> dict[str, Samples]:
         return {w.name: scrape(w.metrics_url) for w in self.watched if w.metrics_url}
