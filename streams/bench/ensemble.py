@@ -120,6 +120,8 @@ def run_ensemble(
                     warmup_s=0.0,
                     deadline_ms=plan.deadline_ms,
                     progress=lambda s, g: progress("warm-up (not counted)", -1, s, g),
+                    # the paths the sweep runs: with feedback, learning and state writes
+                    feedback=plan.feedback,
                 )
 
             warmed = warm_up(run, broker_jit(settings), plan.warm_broker_s)
