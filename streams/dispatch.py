@@ -107,9 +107,8 @@ class Dispatcher:
             while len(queue) and self._has_slot(model):
                 assert queue.oldest_us is not None
                 idle = self.inflight.get(model, 0) == 0
-                n = policy.take(
-                    len(queue), now - queue.oldest_us, idle, self._gap(queue, now, pending)
-                )
+                gap = self._gap(queue, now, pending) if idle else None
+                n = policy.take(len(queue), now - queue.oldest_us, idle, gap)
                 if not n:
                     break
                 self._send(model, version, queue.take(n), now, pending)
@@ -124,7 +123,9 @@ class Dispatcher:
 
     def _gap(self, queue: BatchQueue[str], now: int, pending: PendingQueries) -> float | None:
         """The queue's recent gap between rows, or None if its oldest row's query cannot
-        afford to wait for another (see IDLE_WAIT_SLACK)."""
+        afford to wait for another (see IDLE_WAIT_SLACK); None without an idle wait."""
+        if not self.idle_wait_us:
+            return None
         first = pending.get(queue.first())
         if first is None or first.deadline_us - now < IDLE_WAIT_SLACK * self.idle_wait_us:
             return None

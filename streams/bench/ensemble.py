@@ -243,12 +243,11 @@ def feedback_burst(
     record."""
     assert protocol.feedback is not None
     producer = Producer(settings.kafka(**{"linger.ms": 5, "enable.idempotence": True}))
-    sent = 0
+    sent = BURST_COPIES * len(answered_rows)
     before = meter.start()
     for _ in range(BURST_COPIES):
         for qid, row in answered_rows.items():
             produce(producer, *protocol.feedback(qid, row))
-            sent += 1
     producer.flush(30)
     cost = meter.stop(before, 0, sent, settle_s=60.0)
     fb = cost.get("feedback", {})

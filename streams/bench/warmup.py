@@ -58,7 +58,6 @@ def warm_up(
     started = clock()
     before, at = jit_seconds(), started
     run(min_s)
-    cores = None
     while True:
         used, now = jit_seconds(), clock()
         if before is None or used is None:

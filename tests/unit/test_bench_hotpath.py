@@ -18,8 +18,7 @@ from tests.unit.fakes import answer_batches, make_pipeline, make_registry, query
 def test_answers_fill_the_cache_only_for_apps_that_use_it(cache: bool) -> None:
     registry = make_registry()
     registry.apps["app"]["cache"] = cache
-    # rows microseconds apart would wait for company (the idle wait has a test of its own)
-    pipe, producer = make_pipeline(registry, batch_idle_wait_ms=0)
+    pipe, producer = make_pipeline(registry)
     pipe.on_queries([query("a", deadline_ms=60_000)], now_us())
     pipe.tick(now_us())
     assert answer_batches(pipe, producer) == 1

@@ -74,8 +74,7 @@ def test_a_restored_query_is_done_not_answered_again() -> None:
 
 
 def test_dropped_partitions_are_forgotten_uncommitted_and_answered_when_read_again() -> None:
-    # rows microseconds apart would wait for company (the idle wait has a test of its own)
-    pipe, producer = make_pipeline(batch_idle_wait_ms=0)
+    pipe, producer = make_pipeline()
     now = now_us()
     pipe.on_queries(
         [query("a", partition=0, deadline_ms=60_000), query("b", [1.0, 2.0, 4.0], partition=1)],

@@ -178,9 +178,7 @@ def test_every_message_gets_one_outcome_and_nothing_stays_pending(values, modes)
     pipe.on_queries(
         [FakeMessage(topics.QUERIES, _good_query("after"), b"app", 0, 10_000)], now_us()
     )
-    # its batch window, or an idle model's wait for a second row, ran out (slots may still
-    # be held)
-    pipe.tick(now_us() + 10_000)
+    pipe.tick(now_us() + 5_000)  # its batch window ran out (slots may still be held)
     play_replicas(pipe, producer, ["ok"])
     (after,) = producer.on(topics.PREDICTIONS, "Prediction")
     assert after["query_id"] == "after" and after["label"] == "1" and not after["default"]
