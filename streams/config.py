@@ -58,6 +58,10 @@ class Settings:
     #: the session timeout of the serving group and the replicas' groups: how long a
     #: crashed member's partitions go unserved (raised to the broker's minimum)
     session_timeout_ms: int = 2000
+    #: how long the broker holds a worker's fetch of feedback, observations and selection
+    #: states to gather a batch (streams.learning_feed): the weights a query is chosen by
+    #: lag feedback by about three of these; 0: every record as soon as it is there
+    learn_batch_ms: float = 100.0
     cache_size: int = 100_000
     #: query ids answered, remembered so a redelivered query is not answered twice
     dedup_memory: int = 500_000

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
@@ -299,7 +299,7 @@ def check_feedback_file(path: Path) -> int:
 
 
 class _Latest(dict[str, bytes]):
-    """The latest serialised state per key, as ChangelogTail hands changelog records over."""
+    """The latest serialised state per key, as the learning feed hands changelog records over."""
 
     def apply(self, key: str, value: bytes | None) -> None:
         if value is None:
@@ -311,14 +311,14 @@ class _Latest(dict[str, bytes]):
 def live_states(settings: Settings, app: str) -> dict[str, SelectionState]:
     """The selection states of ``app`` (keys ``app`` and ``app|user``) that workers hold now:
     the selection table's changelog read to its end."""
-    from streams.state_view import ChangelogTail, StateView
+    from streams.learning_feed import LearningFeed
 
     latest = _Latest()
-    tail = ChangelogTail(settings, cast(StateView, latest))  # it only calls apply()
+    feed = LearningFeed(settings, latest)
     try:
-        tail.catch_up()
+        feed.catch_up()
     finally:
-        tail.close()
+        feed.close()
     return {
         key: SelectionState.from_state(json.loads(value))
         for key, value in sorted(latest.items())

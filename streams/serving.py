@@ -4,12 +4,14 @@ Its consumer is a member of the serving group (``clipstream-serving``) subscribe
 queries, responses, feedback and observations topics with the range assignor, which gives
 a member the same partition numbers of all four: a query, its model answers and its
 feedback meet in one worker, and the observations of the selection keys on that partition
-number are folded there (streams.learning: one writer per key). librdkafka keeps the
-membership from its own threads, so a busy Python loop never misses a heartbeat, and a
-crashed worker's partitions move after the session timeout (seconds). The thread blocks
-in ``poll`` until a message arrives or the next deadline, batch window or state write is
-due, runs the pipeline, and commits, in this one place, the offsets whose results Kafka
-already has (streams.offsets).
+number are folded there (streams.learning: one writer per key). Feedback and observations
+stay paused on this consumer: the worker's learning feed reads them in batches, with the
+selection changelog (streams.learning_feed), and this loop handles and commits them.
+librdkafka keeps the membership from its own threads, so a busy Python loop never misses
+a heartbeat, and a crashed worker's partitions move after the session timeout (seconds).
+The thread blocks in ``poll`` until a message arrives or the next deadline or batch
+window is due, runs the pipeline and what the learning feed has fetched, and commits, in
+this one place, the offsets whose results Kafka already has (streams.offsets).
 
 Rebalances (eager, as the range assignor is): revoked partitions are frozen, the producer
 is flushed and their offsets committed; on assignment, partitions kept go on from where
@@ -34,18 +36,18 @@ from streams.config import Settings
 from streams.handover import Handover
 from streams.kafka_util import FETCH_WAIT_MS, consume_ready, group_session_timeout_ms
 from streams.learning import ChangelogStore, Learner, Record
+from streams.learning_feed import LEARNED, LearningFeed
 from streams.pipeline import Pipeline, now_us
 from streams.sensors import Sensor
-from streams.state_view import ChangelogTail, StateView
+from streams.state_view import StateView
 
 log = logging.getLogger("clipstream.serving")
 
 SERVED = (topics.QUERIES, topics.RESPONSES, topics.FEEDBACK, topics.OBSERVATIONS)
 COMMIT_INTERVAL_S = 0.1
-#: folded selection states are written this long after the first observation in them at
-#: most (every worker chooses from them once written), or at once past LEARN_FLUSH_AT
-LEARN_FLUSH_S = 0.05
-LEARN_FLUSH_AT = 1000
+#: learning records handled per turn of the loop at most: a batch of feedback must not
+#: hold up the queries that arrive while it is handled (~50 us of this thread each)
+LEARN_CHUNK = 256
 #: longest wait in poll when nothing is due (keeps shutdown and idle checks prompt)
 IDLE_POLL_S = 0.1
 #: a clean stop waits this long at most for pending queries to be answered
@@ -77,8 +79,14 @@ class ServingLoop:
                 }
             )
         )
-        self.view = StateView(sensor=self.sensor)
-        self.tail = ChangelogTail(settings, self.view)
+        self.view = StateView()
+        self.feed = LearningFeed(
+            settings,
+            self.view,
+            group=group,
+            batch_ms=settings.learn_batch_ms,
+            on_staleness=self.sensor.on_state_staleness,
+        )
         self.pipeline = Pipeline(settings, registry, self.producer, self.view, sensor=self.sensor)
         self.handover = Handover(self.pipeline, restore=settings.dedup)
         self.learner = Learner(
@@ -87,11 +95,10 @@ class ServingLoop:
             self.sensor,
             self._learn_dead_letter,
         )
-        #: when the learner's folded states are due to be written (time.monotonic())
-        self._learn_due: float | None = None
-        #: observation partitions paused until the changelog is read to their end offsets
-        #: (None until a thread of its own has asked the broker for them)
-        self._catching_up: list[int] = []
+        #: observation partitions (and where to read them from) not read until the
+        #: changelog is read to their end offsets (None until a thread of its own has asked
+        #: the broker for them)
+        self._catching_up: dict[int, int | None] = {}
         self._changelog_ends: dict[int, int] | None = None
         self._assignments = 0
         self._ends: queue.SimpleQueue[tuple[int, dict[int, int]]] = queue.SimpleQueue()
@@ -137,7 +144,7 @@ class ServingLoop:
     def _run(self) -> None:
         try:
             self.session_timeout_ms = group_session_timeout_ms(self.settings)
-            read = self.tail.catch_up()
+            read = self.feed.catch_up()
             log.info("selection states read: %d records, %d keys", read, len(self.view))
             self.consumer = self._consumer()
             self._subscribe()
@@ -164,16 +171,17 @@ class ServingLoop:
         while not self.stopping.is_set():
             now = now_us()
             timeout = IDLE_POLL_S if wake is None else min(IDLE_POLL_S, max(0, wake - now) / 1e6)
-            if self._learn_due is not None:
-                timeout = min(timeout, max(0.0, self._learn_due - time.monotonic()))
+            if self.feed.behind:
+                timeout = 0.0
             messages = consume_ready(consumer, 2000, timeout)
             if messages:
                 self._handle(messages)
-            self.tail.drain()
+            learned = self.feed.drain(LEARN_CHUNK)
+            if learned:
+                self._handle(learned)
             self._apply_restores()
             self._resume_learning()
             wake = pipeline.tick(now_us())
-            self._write_learning()
             self.producer.poll(0)
             self._maybe_commit()
         self._drain_and_close()
@@ -213,17 +221,10 @@ class ServingLoop:
             partition, offset = msg.partition(), msg.offset()
             read(topics.OBSERVATIONS, partition, offset)
             records.append((msg.key(), msg.value(), partition, offset))
+        # the feed hands observations over a fetched batch at a time: each key's state is
+        # written once per batch
         self.learner.apply(records)
-        if self._learn_due is None:
-            self._learn_due = time.monotonic() + LEARN_FLUSH_S
-
-    def _write_learning(self, force: bool = False) -> None:
-        due = self._learn_due
-        if due is None:
-            return
-        if force or time.monotonic() >= due or self.learner.unwritten >= LEARN_FLUSH_AT:
-            self._learn_due = None
-            self.learner.flush()
+        self.learner.flush()
 
     def _resume_learning(self) -> None:
         """Observation partitions assigned here are folded once this worker's view holds
@@ -234,19 +235,18 @@ class ServingLoop:
             assignment, ends = self._ends.get_nowait()
             if assignment == self._assignments:
                 self._changelog_ends = ends
-        if self._changelog_ends is None or not self.tail.caught_up(self._changelog_ends):
+        if self._changelog_ends is None or not self.feed.caught_up(self._changelog_ends):
             return
-        assert self.consumer is not None
-        partitions, self._catching_up = self._catching_up, []
-        self.consumer.resume([TopicPartition(topics.OBSERVATIONS, p) for p in partitions])
-        log.info("learning on observation partitions %s", partitions)
+        partitions, self._catching_up = self._catching_up, {}
+        self.feed.read(topics.OBSERVATIONS, partitions)
+        log.info("learning on observation partitions %s", sorted(partitions))
 
     def _ask_changelog_ends(self, assignment: int, partitions: list[int]) -> None:
         """In a thread of its own: a broker round trip must not hold up the queries of a
         partition just taken over."""
         while not self.stopping.is_set() and assignment == self._assignments:
             try:
-                self._ends.put((assignment, self.tail.end_offsets(partitions)))
+                self._ends.put((assignment, self.feed.end_offsets(partitions)))
                 return
             except (KafkaException, TimeoutError) as exc:  # the broker is away: ask again
                 log.warning("changelog end offsets not known yet: %s", exc)
@@ -255,7 +255,6 @@ class ServingLoop:
     def _give_up_learning(self) -> None:
         """The observation partitions may be another worker's now: nothing folded here is
         written, and the changelog is the truth for every key again."""
-        self._learn_due = None
         self.learner.drop()
         self.view.disown()
 
@@ -301,8 +300,9 @@ class ServingLoop:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {tp.partition for tp in partitions if tp.topic == topics.QUERIES}
+        # their next owner reads feedback and observations on from the commit below
+        self.feed.stop_reading()
         self.handover.revoked(revoked)
-        self._write_learning(force=True)
         left = self.producer.flush(10)
         if left:
             log.error("%d records not delivered before partitions were revoked", left)
@@ -312,6 +312,7 @@ class ServingLoop:
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         lost = {tp.partition for tp in partitions if tp.topic == topics.QUERIES}
         dropped = self.handover.lost(lost)
+        self.feed.stop_reading()
         self._give_up_learning()
         log.warning("partitions lost: %s (%d pending queries dropped)", sorted(lost), dropped)
 
@@ -330,28 +331,42 @@ class ServingLoop:
             )
         consumer.assign(placed)
         # librdkafka keeps a partition's pause across assign(): partitions served on must not
-        # stay paused from a restore an earlier rebalance cut short
-        consumer.resume([tp for tp in placed if tp.partition not in plan.new])
+        # stay paused from a restore an earlier rebalance cut short; feedback and
+        # observations are the learning feed's to read
+        consumer.resume(
+            [tp for tp in placed if tp.partition not in plan.new and tp.topic not in LEARNED]
+        )
+        consumer.pause([tp for tp in placed if tp.topic in LEARNED])
+        where = {(tp.topic, tp.partition): tp.offset for tp in placed}
+
+        def start(topic: str, ps: set[int] | list[int]) -> dict[int, int | None]:
+            return {p: where[topic, p] if where[topic, p] >= 0 else None for p in ps}
+
+        waiting = set(plan.new) if self.settings.dedup else set()
+        feedback = [
+            tp.partition
+            for tp in partitions
+            if tp.topic == topics.FEEDBACK and tp.partition not in waiting
+        ]
+        self.feed.read(topics.FEEDBACK, start(topics.FEEDBACK, feedback))
         # learning starts from the states last written: this worker's own were written at
         # the revocation; its view reads the changelog to its end first
         self._give_up_learning()
         learning = sorted(tp.partition for tp in partitions if tp.topic == topics.OBSERVATIONS)
         self._assignments += 1
-        self._catching_up, self._changelog_ends = learning, None
+        self._catching_up = start(topics.OBSERVATIONS, learning)
+        self._changelog_ends = None
         if learning:
-            consumer.pause([TopicPartition(topics.OBSERVATIONS, p) for p in learning])
             threading.Thread(
                 target=self._ask_changelog_ends,
                 args=(self._assignments, learning),
                 name="changelog-ends",
                 daemon=True,
             ).start()
-        if plan.new and self.settings.dedup:
+        if waiting:
             # queries wait for the predictions already made for them; feedback waits for the
             # answers it needs as well
-            consumer.pause(
-                [TopicPartition(t, p) for p in plan.new for t in (topics.QUERIES, topics.FEEDBACK)]
-            )
+            consumer.pause([TopicPartition(topics.QUERIES, p) for p in waiting])
             threading.Thread(
                 target=self._restore,
                 args=(plan.epoch, set(plan.new)),
@@ -395,8 +410,10 @@ class ServingLoop:
                 epoch, what == "recent", partitions, found
             ):
                 continue  # another rebalance came: its own restore covers these partitions
-            resume = topics.QUERIES if what == "recent" else topics.FEEDBACK
-            self.consumer.resume([TopicPartition(resume, p) for p in partitions])
+            if what == "recent":
+                self.consumer.resume([TopicPartition(topics.QUERIES, p) for p in partitions])
+            else:
+                self.feed.read(topics.FEEDBACK, dict.fromkeys(partitions))
             log.warning(
                 "restored %d %s predictions of partitions %s in %.2f s",
                 len(found),
@@ -416,6 +433,7 @@ class ServingLoop:
         try:
             assignment = consumer.assignment()
             consumer.pause([tp for tp in assignment if tp.topic != topics.RESPONSES])
+            self.feed.stop_reading()
             deadline = time.monotonic() + DRAIN_S
             while len(pipeline.pending) and time.monotonic() < deadline:
                 messages = consume_ready(consumer, 2000, 0.01)
@@ -423,11 +441,11 @@ class ServingLoop:
                     self._handle(messages)
                 pipeline.tick(now_us())
                 self.producer.poll(0)
-            self._write_learning(force=True)
+            self.learner.flush()
             left = self.producer.flush(10)
             if left:
                 log.error("%d records not delivered at shutdown", left)
             self._maybe_commit(force=True)
         finally:
             consumer.close()
-            self.tail.close()
+            self.feed.close()

@@ -5,6 +5,7 @@ key's one writer, bit for bit what replay computes from the observations log."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -18,6 +19,7 @@ from tests.conftest import wait_for
 from tests.integration.helpers import (
     collect,
     learnt_everything,
+    read_to_end,
     stored_states,
     wait_until_serving,
 )
@@ -85,3 +87,51 @@ def test_feedback_folds_to_the_replayed_states_on_one_worker_and_on_two(
     _, written = stored_states(deployed, app)
     assert written == {key: {topics.partition_for(key, deployed.partitions)} for key in keys}
     assert all(worker.alive() for worker in started)
+
+
+def test_feedback_at_a_steady_rate_is_learnt_in_batches(deployed, processes):
+    """Feedback every 20 ms for one selection key, on a worker whose learning feed gathers
+    for a second: the key's state is written once per batch (it was once per 50 ms, or per
+    record, before), still bit for bit what replay computes."""
+    app = "learn-batched"
+    registry.register_app(
+        deployed, app, MODELS, policy="EXP3", deadline_ms=3000, default_label="0", eta=0.2
+    )
+    processes("worker-batched", "worker", env={"CLIPSTREAM_LEARN_BATCH_MS": "1000"})
+    for model in MODELS:
+        processes(f"replica-{model}-batched", "replica", "--model", model)
+    client, reader = Client(deployed), PredictionReader(deployed)
+    _, X, _, y = digits_split()
+    wait_until_serving(client, reader, app, X[0].tolist())
+    truth = {client.send_query(app, X[i].tolist()): str(y[i]) for i in range(100)}
+    client.flush()
+    assert set(collect(reader, set(truth), 60)) == set(truth)
+
+    def writes() -> int:
+        return sum(
+            1
+            for msg in read_to_end(deployed, topics.SELECTION_CHANGELOG, timeout=30)
+            if msg.key() == app.encode()
+        )
+
+    # one record first: once it is folded, the feed reads every partition involved
+    (first, label), *rest = truth.items()
+    client.send_feedback(first, app, label=label)
+    client.flush()
+    wait_for(lambda: learnt_everything(deployed) and writes() == 1, 60, "the first folded")
+    started = time.monotonic()
+    for qid, label in rest:
+        client.send_feedback(qid, app, label=label)
+        client.flush()
+        time.sleep(0.02)  # the steady rate under test, not a wait for anything
+    spread_s = time.monotonic() - started
+    wait_for(lambda: learnt_everything(deployed), 60, "every feedback folded")
+    replayed, counts = replay(deployed, app, dry_run=True)
+    assert counts["applied"] == 100
+    expected = replayed[app].to_state()
+    wait_for(lambda: stored_states(deployed, app)[0].get(app) == expected, 30, "the replay")
+    # a batch a second of feedback, and one more where a batch's observations come in two
+    # fetches: about 2.5 s of feedback makes a handful, where one per 50 ms made 40 or
+    # more (and the serving loop's idle turns, 100 ms apart, about 25)
+    batched = writes() - 1
+    assert 1 <= batched <= 2 * (spread_s / 1.0 + 1), (batched, spread_s)
