@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_STORED, Consumer, Message, TopicPartition
 
@@ -51,11 +51,12 @@ class LearningFeed:
         *,
         group: str | None = None,
         batch_ms: float = 0.0,
-        on_staleness: Any = None,
+        on_staleness: Callable[[float], None] | None = None,
     ) -> None:
         """``group``: the serving group whose feedback and observations are read (None:
         the changelog only). ``batch_ms``: how long the broker holds a fetch to batch
-        (0: each fetch returns as soon as anything is there)."""
+        (0: each fetch returns as soon as anything is there); ``on_staleness``: called
+        with each changelog record's age in seconds as it is read."""
         self.view = view
         self.on_staleness = on_staleness
         #: changelog partition -> the offset after the last record read
@@ -83,7 +84,8 @@ class LearningFeed:
         )
         md = self.consumer.list_topics(topics.SELECTION_CHANGELOG, timeout=30)
         self.partitions = sorted(md.topics[topics.SELECTION_CHANGELOG].partitions)
-        self.consumer.assign(
+        # incremental, as feedback and observations are added and taken away later
+        self.consumer.incremental_assign(
             [
                 TopicPartition(topics.SELECTION_CHANGELOG, p, OFFSET_BEGINNING)
                 for p in self.partitions
