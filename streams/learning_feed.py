@@ -14,8 +14,10 @@ a batch those are shared, and each selection key's state is written once per bat
 The serving loop's consumer stays the group member: the range assignor gives it the same
 partition numbers of queries, feedback and observations; it keeps feedback and
 observations paused and commits their offsets with its others (streams.offsets). This
-consumer reads them with ``assign()`` under the serving group's id, so a partition taken
-over starts from the offset its previous owner committed."""
+consumer is assigned them (incrementally, no subscription) under the serving group's id,
+so a partition taken over starts from the offset its previous owner committed. Every
+observation batch is written as it is folded (ServingLoop._learn), so a revocation or a
+clean stop finds nothing folded and unwritten."""
 
 from __future__ import annotations
 

@@ -369,7 +369,7 @@ class ServingLoop:
             consumer.pause([TopicPartition(topics.QUERIES, p) for p in waiting])
             threading.Thread(
                 target=self._restore,
-                args=(plan.epoch, set(plan.new)),
+                args=(plan.epoch, waiting),
                 name="restore",
                 daemon=True,
             ).start()
@@ -441,7 +441,6 @@ class ServingLoop:
                     self._handle(messages)
                 pipeline.tick(now_us())
                 self.producer.poll(0)
-            self.learner.flush()
             left = self.producer.flush(10)
             if left:
                 log.error("%d records not delivered at shutdown", left)
