@@ -26,7 +26,7 @@ from models import artifacts
 from models.adapters import BatchOutput, ModelAdapter, adapter_for
 from models.files import load_model
 from models.registry import ControlFollower
-from streams import codec, metrics, topics
+from streams import codec, heap, metrics, topics
 from streams.config import Settings
 from streams.kafka_util import FETCH_WAIT_MS, consume_ready, group_session_timeout_ms
 
@@ -103,6 +103,8 @@ class Replica:
             self._failed[version] = reason
             return reason
         self._adapters[version] = adapter
+        if self.ready.is_set():  # loaded while serving: see warm()
+            heap.freeze_loaded()
         return adapter
 
     def warm(self) -> None:
@@ -110,6 +112,8 @@ class Replica:
         spec = self.follower.registry.model(self.model)
         if spec is not None:
             self.adapter(spec["version"])
+        # the model and everything imported live as long as the replica (streams.heap)
+        log.info("%d objects loaded and exempt from garbage collection", heap.freeze_loaded())
 
     # -- serving ----------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from models.registry import Registry
-from streams import dedup, topics
+from streams import dedup, heap, topics
 from streams.config import Settings
 from streams.handover import Handover
 from streams.kafka_util import FETCH_WAIT_MS, consume_ready, group_session_timeout_ms
@@ -146,6 +146,7 @@ class ServingLoop:
             self.session_timeout_ms = group_session_timeout_ms(self.settings)
             read = self.feed.catch_up()
             log.info("selection states read: %d records, %d keys", read, len(self.view))
+            log.info("%d objects loaded and exempt from garbage collection", heap.freeze_loaded())
             self.consumer = self._consumer()
             self._subscribe()
             self._loop()
