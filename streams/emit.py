@@ -59,6 +59,8 @@ class Emitter:
         self.offsets = offsets
         self.sensor = sensor
         self.counts = {"predictions": 0, "dead_letters": 0, "observations": 0, "redelivered": 0}
+        #: selection changelog partition -> the offset after the last state delivered
+        self.states_written: dict[int, int] = {}
         #: called with a record that could not be delivered (tests, the worker's log)
         self.on_undeliverable: Callable[[Outgoing, str], None] | None = None
 
@@ -140,8 +142,11 @@ class Emitter:
                 self._failed(out, str(exc), permanent=True)
                 return
 
-    def _delivered(self, out: Outgoing, err: Any, _msg: Any) -> None:
+    def _delivered(self, out: Outgoing, err: Any, msg: Any) -> None:
         if err is None:
+            if out.topic == topics.SELECTION_CHANGELOG:
+                written = self.states_written
+                written[out.partition] = max(written.get(out.partition, 0), msg.offset() + 1)
             self._done(out.source)
             return
         timed_out = err.code() == KafkaError._MSG_TIMED_OUT or err.retriable()

@@ -240,6 +240,7 @@ class ServingLoop:
             return
         partitions, self._catching_up = self._catching_up, {}
         self.feed.read(topics.OBSERVATIONS, partitions)
+        self.feed.own(partitions)
         log.info("learning on observation partitions %s", sorted(partitions))
 
     def _ask_changelog_ends(self, assignment: int, partitions: list[int]) -> None:
@@ -258,6 +259,7 @@ class ServingLoop:
         written, and the changelog is the truth for every key again."""
         self.learner.drop()
         self.view.disown()
+        self.feed.disown(self.pipeline.emitter.states_written)
 
     def _learn_dead_letter(self, record: Record, reason: str) -> None:
         key, value, partition, offset = record

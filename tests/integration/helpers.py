@@ -9,12 +9,14 @@ import time
 from typing import Any
 
 from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from streams import codec, topics
 from streams.config import Settings
 from streams.kafka_util import consume_ready
 from streams.processes import clipstream_command
 from streams.sdk import Client, PredictionReader
+from tests.conftest import wait_for
 
 
 def collect(
@@ -134,3 +136,16 @@ def stored_states(settings: Settings, app: str) -> tuple[dict[str, dict], dict[s
             latest[key] = json.loads(msg.value())
             written.setdefault(key, set()).add(msg.partition())
     return latest, written
+
+
+def workers_serving(settings: Settings, n: int, timeout: float = 60) -> None:
+    """``n`` workers hold partitions of the serving group (not mid-rebalance)."""
+    admin = AdminClient(settings.kafka())  # kept: its futures die with it
+
+    def stable() -> bool:
+        (future,) = admin.describe_consumer_groups([topics.SERVING_GROUP]).values()
+        group = future.result(10)
+        members = [m for m in group.members if m.assignment.topic_partitions]
+        return str(group.state).endswith("STABLE") and len(members) == n
+
+    wait_for(stable, timeout, f"{n} workers sharing the serving group", interval=0.2)

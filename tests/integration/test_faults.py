@@ -40,6 +40,7 @@ from tests.integration.helpers import (
     read_to_end,
     stored_states,
     wait_until_serving,
+    workers_serving,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -316,19 +317,6 @@ def serving(settings: Settings, app: str) -> None:
         reader.close()
 
 
-def two_workers_serving(settings: Settings, timeout: float = 60) -> None:
-    """Both workers hold partitions of the serving group (not mid-rebalance)."""
-    admin = AdminClient(settings.kafka())  # kept: its futures die with it
-
-    def stable() -> bool:
-        (future,) = admin.describe_consumer_groups([topics.SERVING_GROUP]).values()
-        group = future.result(10)
-        members = [m for m in group.members if m.assignment.topic_partitions]
-        return str(group.state).endswith("STABLE") and len(members) == 2
-
-    wait_for(stable, timeout, "two workers sharing the serving group", interval=0.2)
-
-
 def progress(load: Load, more: int, timeout: float = 120) -> None:
     """Wait until ``more`` further queries have been answered."""
     target = load.answered() + more
@@ -345,7 +333,7 @@ def test_replica_killed(kafka_settings, processes, kind):
     processes("replica-b", "replica", "--model", MODELS[0])
     processes("replica-weak", "replica", "--model", MODELS[1])
     serving(kafka_settings, app)
-    two_workers_serving(kafka_settings)
+    workers_serving(kafka_settings, 2)
     with Load(kafka_settings, app) as load:
         progress(load, 1000)
         doomed.kill()
@@ -362,7 +350,7 @@ def test_worker_stopped_and_started_again(kafka_settings, processes, kind):
     for model in MODELS:
         processes(f"replica-{model}", "replica", "--model", model)
     serving(kafka_settings, app)
-    two_workers_serving(kafka_settings)
+    workers_serving(kafka_settings, 2)
     with Load(kafka_settings, app) as load:
         progress(load, 1000)
         assert second.stop() == 0
@@ -385,7 +373,7 @@ def test_a_worker_killed_is_replaced_within_seconds(kafka_settings, processes, k
     for model in MODELS:
         processes(f"replica-{model}", "replica", "--model", model)
     serving(kafka_settings, app)
-    two_workers_serving(kafka_settings)
+    workers_serving(kafka_settings, 2)
     with Load(kafka_settings, app) as load:
         progress(load, 1000)
         load.hold_feedback.set()  # this feedback reaches only the workers after the crash
@@ -474,7 +462,7 @@ def test_scale_out_workers_and_replicas(kafka_settings, processes, kind):
         processes("worker-2", "worker")
         processes("replica-2", "replica", "--model", MODELS[0])
         processes("replica-3", "replica", "--model", MODELS[0])
-        two_workers_serving(kafka_settings)
+        workers_serving(kafka_settings, 2)
         progress(load, 2000)
         check_promise(kafka_settings, load)
 
@@ -488,7 +476,7 @@ def test_broker_restarted(broker, kafka_settings, processes, kind):
     for model in MODELS:
         processes(f"replica-{model}", "replica", "--model", model)
     serving(kafka_settings, app)
-    two_workers_serving(kafka_settings)
+    workers_serving(kafka_settings, 2)
     with Load(kafka_settings, app) as load:
         progress(load, 1000)
         broker.restart()

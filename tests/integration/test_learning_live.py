@@ -13,8 +13,10 @@ from models import registry
 from models.training import digits_split
 from selection import SelectionState
 from streams import topics
+from streams.gateway import free_port
 from streams.replay import replay
 from streams.sdk import Client, PredictionReader
+from streams.status import scrape
 from tests.conftest import wait_for
 from tests.integration.helpers import (
     collect,
@@ -22,6 +24,7 @@ from tests.integration.helpers import (
     read_to_end,
     stored_states,
     wait_until_serving,
+    workers_serving,
 )
 
 pytestmark = pytest.mark.integration
@@ -97,7 +100,14 @@ def test_feedback_at_a_steady_rate_is_learnt_in_batches(deployed, processes):
     registry.register_app(
         deployed, app, MODELS, policy="EXP3", deadline_ms=3000, default_label="0", eta=0.2
     )
-    processes("worker-batched", "worker", env={"CLIPSTREAM_LEARN_BATCH_MS": "1000"})
+    port = free_port()
+    processes(
+        "worker-batched",
+        "worker",
+        "--metrics-port",
+        str(port),
+        env={"CLIPSTREAM_LEARN_BATCH_MS": "1000"},
+    )
     for model in MODELS:
         processes(f"replica-{model}-batched", "replica", "--model", model)
     client, reader = Client(deployed), PredictionReader(deployed)
@@ -135,3 +145,72 @@ def test_feedback_at_a_steady_rate_is_learnt_in_batches(deployed, processes):
     # more (and the serving loop's idle turns, 100 ms apart, about 25)
     batched = writes() - 1
     assert 1 <= batched <= 2 * (spread_s / 1.0 + 1), (batched, spread_s)
+
+    # the key's one writer does not read its own states back from the changelog (every
+    # partition is this worker's): it read none of the states it wrote
+    read_back = scrape(f"http://127.0.0.1:{port}/metrics")
+    assert read_back[("clipstream_selection_state_staleness_seconds_count", ())] == 0
+
+
+def test_a_former_writer_reads_what_its_successor_writes(deployed, processes):
+    """A key's writer does not read its changelog partition back; when a worker joins and
+    the partition gets another writer, the former one reads it again from after its own
+    last write. So every worker answers with the weights the key's latest writer wrote."""
+    app = "learn-handover"
+    registry.register_app(
+        deployed,
+        app,
+        MODELS,
+        policy="EXP4",
+        deadline_ms=3000,
+        default_label="0",
+        eta=0.5,
+        personalised=True,
+    )
+    processes("worker-handover-0", "worker")
+    processes("worker-handover-1", "worker")
+    for model in MODELS:
+        processes(f"replica-{model}-handover", "replica", "--model", model)
+    client, reader = Client(deployed), PredictionReader(deployed)
+    _, X, _, y = digits_split()
+    wait_until_serving(client, reader, app, X[0].tolist())
+    # sixteen users: their keys are on every partition, so whichever partitions move in the
+    # rebalance below, some keys get a new writer
+    users = [f"u{i}" for i in range(16)]
+
+    def ask(first: int) -> dict[str, tuple[str, list[dict]]]:
+        """160 queries of the users, each answered by the worker holding its partition:
+        query id -> (its user, its answers), in the order sent."""
+        user_of = {
+            client.send_query(app, X[i].tolist(), user=users[i % 16]): users[i % 16]
+            for i in range(first, first + 160)
+        }
+        client.flush()
+        got = collect(reader, set(user_of), 60)
+        assert set(got) == set(user_of)
+        return {qid: (user, got[qid][0]["answers"]) for qid, user in user_of.items()}
+
+    def learn(first: int) -> None:
+        for i, qid in enumerate(ask(first), start=first):
+            client.send_feedback(qid, app, label=str(y[i]))
+        client.flush()
+        wait_for(lambda: learnt_everything(deployed), 60, "every feedback folded")
+
+    learn(0)
+    processes("worker-handover-2", "worker")
+    workers_serving(deployed, 3)
+    learn(160)
+    replayed, counts = replay(deployed, app, dry_run=True)
+    assert counts["applied"] == 320
+    expected = {key: state.to_state() for key, state in replayed.items()}
+    wait_for(lambda: stored_states(deployed, app)[0] == expected, 30, "the replayed states")
+    latest = {key: state.weights() for key, state in replayed.items()}
+
+    def answered_with_the_latest_weights() -> bool:
+        return all(
+            answer["prob"] == pytest.approx(latest[f"{app}|{user}"][answer["model"]], abs=1e-12)
+            for user, answers in ask(320).values()
+            for answer in answers
+        )
+
+    wait_for(answered_with_the_latest_weights, 30, "every worker to use the latest weights")

@@ -103,20 +103,26 @@ class RecordingProducer:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes, bytes | None, dict[str, Any]]] = []
-        self._callbacks: list[tuple[str, Callable[..., None]]] = []
+        self._callbacks: list[tuple[FakeMessage, Callable[..., None]]] = []
         self.fail: dict[str, FakeError] = {}
+        #: (topic, partition) -> the next offset there
+        self.ends: dict[tuple[str, int], int] = {}
 
     def produce(self, topic: str, value: bytes, key: bytes | None = None, **kw: Any) -> None:
         self.sent.append((topic, value, key, kw))
         if kw.get("on_delivery"):
-            self._callbacks.append((topic, kw["on_delivery"]))
+            partition = kw.get("partition", 0)
+            offset = self.ends.get((topic, partition), 0)
+            self.ends[topic, partition] = offset + 1
+            message = FakeMessage(topic, value, key, partition, offset)
+            self._callbacks.append((message, kw["on_delivery"]))
 
     def poll(self, timeout: float = 0) -> int:
         n = 0
         while self._callbacks:
             callbacks, self._callbacks = self._callbacks, []
-            for topic, cb in callbacks:
-                cb(self.fail.get(topic), None)
+            for message, cb in callbacks:
+                cb(self.fail.get(message.topic()), message)
                 n += 1
         return n
 

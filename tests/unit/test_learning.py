@@ -235,12 +235,18 @@ def test_the_changelog_store_writes_each_key_to_its_partition_and_is_done_when_a
     app = registry.app("app")
     assert view.state_for("app|u0", app) is learner.states["app|u0"]
     # two of three writes delivered: nothing done yet; the third: all nine
-    callbacks = [kw["on_delivery"] for _, kw in sent]
-    callbacks[0](None, None)
-    callbacks[1](None, None)
+    deliveries = list(producer._callbacks)
+    for message, delivered in deliveries[:2]:
+        delivered(None, message)
     assert offsets.to_commit() == {}
-    callbacks[2](None, None)
+    message, delivered = deliveries[2]
+    delivered(None, message)
     assert offsets.to_commit() == {(topics.OBSERVATIONS, 2): 9}
+    # where this writer reads its partitions from again once another may write them
+    assert store.emitter.states_written == {
+        m.partition(): max(n.offset() for n, _ in deliveries if n.partition() == m.partition()) + 1
+        for m, _ in deliveries
+    }
     # its own records read back from the changelog change nothing; after a rebalance the
     # changelog is the truth again
     before = view.state_for("app|u0", app)

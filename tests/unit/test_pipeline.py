@@ -290,8 +290,8 @@ def test_a_prediction_that_timed_out_is_produced_again_until_delivered() -> None
     for _ in range(3):
         callbacks = producer._callbacks
         producer._callbacks = []
-        for topic, cb in callbacks:
-            cb(producer.fail.get(topic), None)
+        for message, cb in callbacks:
+            cb(producer.fail.get(message.topic()), message)
     assert committed(pipe) == {}  # never given up: the broker may come back
     del producer.fail[topics.PREDICTIONS]
     producer.poll()
