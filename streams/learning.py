@@ -83,8 +83,9 @@ class Learner:
         #: decoded states of the keys written here (the table holds them serialised)
         self.states: dict[str, SelectionState] = {}
         # recent observations per partition: what a replayed snapshot is brought up to date
-        # with (those that arrived while the replay ran)
-        self.recent: dict[int, deque[tuple[int, str, dict[str, Any]]]] = {}
+        # with (those that arrived while the replay ran); kept encoded, as flat tuples the
+        # collector does not track (streams.heap), and decoded in the rare install
+        self.recent: dict[int, deque[tuple[int, str, bytes]]] = {}
         self.recent_size = recent
         self.counts = {"applied": 0, "replayed": 0, "snapshot": 0, "invalid": 0}
         #: keys folded into and not yet written to the table
@@ -147,7 +148,7 @@ class Learner:
                     self.counts["replayed"] += 1
                     self.sensor.on_feedback(decoded["app"], "replayed")
                     continue
-                self._remember(partition, offset, key, decoded)
+                self._remember(partition, offset, key, value)
                 self.counts["applied"] += 1
                 applied[decoded["app"]] = applied.get(decoded["app"], 0) + 1
             touched[key] = state
@@ -177,11 +178,11 @@ class Learner:
         state = self.states[key] = SelectionState.following(state, app)
         return state
 
-    def _remember(self, partition: int, offset: int, key: str, obs: dict[str, Any]) -> None:
+    def _remember(self, partition: int, offset: int, key: str, value: bytes) -> None:
         log_ = self.recent.get(partition)
         if log_ is None:
             log_ = self.recent[partition] = deque(maxlen=self.recent_size)
-        log_.append((offset, key, obs))
+        log_.append((offset, key, value))
 
     def _install(
         self, key: str, snapshot: Mapping[str, Any], partition: int, offset: int
@@ -201,9 +202,9 @@ class Learner:
                 len(recent),
             )
         if since >= 0:  # -1: a state from elsewhere (a file), nothing to bring it up to
-            for at, k, obs in recent:
+            for at, k, value in recent:
                 if k == key and since < at < offset:
-                    fold(state, obs)
+                    fold(state, codec.decode("Observation", value))
         self.states[key] = state
         return state
 
