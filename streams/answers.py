@@ -85,7 +85,7 @@ def _entry(r: Remembered) -> Entry:
 class AnswerMemory:
     """Up to ``capacity`` answers (200,000 by default), each a flat tuple of plain values:
     the collector stops tracking such a tuple, so a full collection does not walk them all,
-    as it walked every object it held before (30-45 ms a collection once the imports were
+    as it walked every object it held before (28-45 ms a collection once the imports were
     exempt: streams.heap)."""
 
     def __init__(self, capacity: int, ttl_s: float) -> None:
