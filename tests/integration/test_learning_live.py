@@ -39,21 +39,25 @@ def deployed(kafka_settings, digits_models):
     return kafka_settings
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_feedback_folds_to_the_replayed_states_on_one_worker_and_on_two(
-    deployed, processes, workers
-):
-    app = f"learn-{workers}"
+def register_personalised_exp4(settings, app: str, eta: float) -> None:
     registry.register_app(
-        deployed,
+        settings,
         app,
         MODELS,
         policy="EXP4",
         deadline_ms=3000,
         default_label="0",
-        eta=0.2,
+        eta=eta,
         personalised=True,
     )
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_feedback_folds_to_the_replayed_states_on_one_worker_and_on_two(
+    deployed, processes, workers
+):
+    app = f"learn-{workers}"
+    register_personalised_exp4(deployed, app, eta=0.2)
     started = [processes(f"worker-{workers}-{i}", "worker") for i in range(workers)]
     for model in MODELS:
         processes(f"replica-{model}-{workers}", "replica", "--model", model)
@@ -157,16 +161,7 @@ def test_a_former_writer_reads_what_its_successor_writes(deployed, processes):
     the partition gets another writer, the former one reads it again from after its own
     last write. So every worker answers with the weights the key's latest writer wrote."""
     app = "learn-handover"
-    registry.register_app(
-        deployed,
-        app,
-        MODELS,
-        policy="EXP4",
-        deadline_ms=3000,
-        default_label="0",
-        eta=0.5,
-        personalised=True,
-    )
+    register_personalised_exp4(deployed, app, eta=0.5)
     processes("worker-handover-0", "worker")
     processes("worker-handover-1", "worker")
     for model in MODELS:
