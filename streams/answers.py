@@ -66,7 +66,9 @@ class EmittedIds:
 
 #: a Remembered as the memory holds it: (at_us, key, app, labels' models, labels, probs'
 #: models, probs), flat tuples of strings and numbers
-Entry = tuple[int, str, str, tuple[str, ...], tuple[str | None, ...], tuple[str, ...], tuple]
+Entry = tuple[
+    int, str, str, tuple[str, ...], tuple[str | None, ...], tuple[str, ...], tuple[float, ...]
+]
 
 
 def _entry(r: Remembered) -> Entry:

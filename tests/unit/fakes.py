@@ -304,3 +304,25 @@ def answer_batches(
         message = FakeMessage(topics.RESPONSES, result, None, batch["reply_partition"], i)
         pipe.on_results([message], now_us())
     return len(batches)
+
+
+def observation(qid: str, labels: dict[str, str | None], truth: str, fb_offset: int, **kw) -> dict:
+    return {
+        "key": kw.get("key", "app"),
+        "app": "app",
+        "query_id": qid,
+        "user": kw.get("user"),
+        "answers": [{"model": m, "label": lab, "prob": 0.5} for m, lab in labels.items()],
+        "label": truth,
+        "reward": None,
+        "feedback_partition": kw.get("fb_partition", 0),
+        "feedback_offset": fb_offset,
+        "at_us": 0,
+    }
+
+
+def records(observations: list[dict], start: int = 0, partition: int = 1) -> list:
+    return [
+        (o["key"].encode(), codec.encode("Observation", o), partition, start + i)
+        for i, o in enumerate(observations)
+    ]

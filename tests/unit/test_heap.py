@@ -12,8 +12,7 @@ import pytest
 from streams import heap
 from streams.answers import AnswerMemory, Remembered
 from streams.learning import Learner
-from tests.unit.fakes import MemoryStore, make_registry
-from tests.unit.test_learning import observation, records
+from tests.unit.fakes import MemoryStore, make_registry, observation, records
 
 
 @pytest.fixture

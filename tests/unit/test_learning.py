@@ -17,22 +17,7 @@ from streams.offsets import Offsets
 from streams.replay import Observed, rebuild
 from streams.sensors import Sensor
 from streams.state_view import StateView
-from tests.unit.fakes import MemoryStore, RecordingProducer, make_registry
-
-
-def observation(qid: str, labels: dict[str, str | None], truth: str, fb_offset: int, **kw) -> dict:
-    return {
-        "key": kw.get("key", "app"),
-        "app": "app",
-        "query_id": qid,
-        "user": kw.get("user"),
-        "answers": [{"model": m, "label": lab, "prob": 0.5} for m, lab in labels.items()],
-        "label": truth,
-        "reward": None,
-        "feedback_partition": kw.get("fb_partition", 0),
-        "feedback_offset": fb_offset,
-        "at_us": 0,
-    }
+from tests.unit.fakes import MemoryStore, RecordingProducer, make_registry, observation, records
 
 
 def stream(n: int, seed: int = 0) -> list[dict]:
@@ -45,13 +30,6 @@ def stream(n: int, seed: int = 0) -> list[dict]:
         m2 = truth if rng.random() < 0.5 else str(1 - int(truth))
         out.append(observation(f"q{i}", {"m1": m1, "m2": m2}, truth, i // 2, fb_partition=i % 2))
     return out
-
-
-def records(observations: list[dict], start: int = 0, partition: int = 1) -> list:
-    return [
-        (o["key"].encode(), codec.encode("Observation", o), partition, start + i)
-        for i, o in enumerate(observations)
-    ]
 
 
 def test_live_folding_in_chunks_equals_replay_bit_for_bit() -> None:
