@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from selection.logweights import normalise, resized, to_probs
+from selection.logweights import LOG_FLOOR, resized, to_probs
 
 
 class Exp3:
@@ -31,11 +31,15 @@ class Exp3:
         return int(self.logw.size)
 
     def probabilities(self) -> np.ndarray:
-        return (1.0 - self.gamma) * to_probs(self.logw) + self.gamma / self.n_arms
+        return np.asarray(self._probabilities())
+
+    def _probabilities(self) -> list[float]:
+        keep, spread = 1.0 - self.gamma, self.gamma / self.n_arms
+        return [keep * p + spread for p in to_probs(self.logw.tolist())]
 
     def select(self, rng: np.random.Generator) -> tuple[int, float]:
         if self._cumulative is None:
-            self._probs = self.probabilities().tolist()
+            self._probs = self._probabilities()
             self._cumulative = list(itertools.accumulate(self._probs))
         arm = min(
             bisect.bisect_right(self._cumulative, rng.random() * self._cumulative[-1]),
@@ -46,9 +50,14 @@ class Exp3:
     def update(self, arm: int, loss: float, prob: float) -> None:
         """``loss`` in [0, 1] of ``arm``, chosen with probability ``prob``."""
         loss = min(1.0, max(0.0, float(loss)))
-        prob = max(float(prob), 1e-12)
-        self.logw[arm] -= self.eta * loss / prob
-        normalise(self.logw)
+        prob = float(prob)
+        prob = prob if prob > 1e-12 else 1e-12  # also NaN: a state must stay finite
+        # in plain floats, as Exp4.update: the same arithmetic as normalise's, a fifth of
+        # the time for a handful of arms
+        logw = self.logw.tolist()
+        logw[arm] -= self.eta * loss / prob
+        top = max(logw)
+        self.logw = np.array([max(x - top, -LOG_FLOOR) for x in logw], dtype=np.float64)
         self._cumulative = None
 
     def resize(self, keep: list[int | None]) -> None:

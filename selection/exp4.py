@@ -37,12 +37,12 @@ class Exp4:
         return int(self.logw.size)
 
     def weights(self) -> np.ndarray:
-        return to_probs(self.logw)
+        return np.asarray(self.weight_list())
 
     def weight_list(self) -> list[float]:
         """The weights as floats, computed once per update (every query reads them)."""
         if self._weights is None:
-            self._weights = self.weights().tolist()
+            self._weights = to_probs(self.logw.tolist())
         return self._weights
 
     def update(
