@@ -17,7 +17,6 @@ the same observations again in the same order."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -189,7 +188,7 @@ class Learner:
     ) -> SelectionState:
         """A replayed state replaces the key's, brought up to date with the observations
         that arrived after those the replay read."""
-        state = SelectionState.from_state(json.loads(snapshot["state"]))
+        state = SelectionState.from_bytes(snapshot["state"])
         since = snapshot["observed_offset"]
         recent = self.recent.get(partition, ())
         if recent and since >= 0 and recent[0][0] > since + 1:
@@ -228,7 +227,7 @@ class ChangelogStore:
     def write(self, states: Mapping[str, SelectionState], observed: list[Observed]) -> None:
         records = []
         for key, state in states.items():
-            value = json.dumps(state.to_state()).encode()
+            value = state.to_bytes()
             self.view.wrote(key, value, state)
             records.append((key.encode(), value, topics.partition_for(key, self.partitions)))
         self.emitter.states(records, [(topics.OBSERVATIONS, p, o) for p, o in observed])

@@ -218,7 +218,7 @@ def publish(
                 {
                     "key": key,
                     "app": app,
-                    "state": json.dumps(state.to_state()),
+                    "state": state.to_bytes().decode(),
                     "source": source,
                     "at_us": time.time_ns() // 1000,
                     "observed_offset": observed,
@@ -320,7 +320,7 @@ def live_states(settings: Settings, app: str) -> dict[str, SelectionState]:
     finally:
         feed.close()
     return {
-        key: SelectionState.from_state(json.loads(value))
+        key: SelectionState.from_bytes(value)
         for key, value in sorted(latest.items())
         if key == app or key.startswith(f"{app}|")
     }

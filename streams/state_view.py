@@ -15,7 +15,6 @@ from the changelog are skipped (nothing there is newer)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -78,7 +77,7 @@ class StateView:
         if raw is None:
             return None
         try:
-            return SelectionState.from_state(json.loads(raw))
+            return SelectionState.from_bytes(raw)
         except (ValueError, KeyError, TypeError) as exc:
             # not a state this release wrote: choose from a fresh one rather than fail
             log.error("selection state of %r unreadable (%s): using a fresh one", key, exc)

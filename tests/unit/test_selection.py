@@ -79,15 +79,32 @@ def test_exp3_probabilities_are_always_a_distribution(updates) -> None:
     assert np.isfinite(p).all() and (p >= 0.1 / 3 - 1e-12).all() and p.sum() == pytest.approx(1)
 
 
-def test_state_round_trips_through_json_exactly() -> None:
-    state = SelectionState.new("EXP3", ["a", "b", "c"], eta=0.2, gamma=0.1)
+@pytest.mark.parametrize("policy", ["EXP3", "EXP4"])
+def test_state_round_trips_through_its_bytes_exactly(policy: str) -> None:
+    state = SelectionState.new(policy, ["a", "b", "c"], eta=0.2, gamma=0.1)
     for truth in "abcabcaa":
-        state.learn({"a": truth}, "a", {"a": 0.4})
+        state.learn({"a": truth, "b": "b"}, "a", {"a": 0.4, "b": 0.3})
     state.mark_applied(3, 17)
-    copy = SelectionState.from_state(json.loads(json.dumps(state.to_state())))
-    assert copy.weights() == state.weights()
-    assert copy.choose(np.random.default_rng(5)) == state.choose(np.random.default_rng(5))
-    assert not copy.should_apply(3, 17) and copy.should_apply(3, 18) and copy.should_apply(2, 0)
+    raw = state.to_bytes()
+    # plain JSON, which any reader of the changelog (and json.dumps's output) shares
+    assert json.loads(raw) == state.to_state()
+    for copy in (
+        SelectionState.from_bytes(raw),
+        SelectionState.from_bytes(json.dumps(state.to_state()).encode()),
+    ):
+        assert copy.to_state() == state.to_state()  # exact floats
+        assert copy.weights() == state.weights()
+        assert copy.choose(np.random.default_rng(5)) == state.choose(np.random.default_rng(5))
+        assert not copy.should_apply(3, 17) and copy.should_apply(3, 18)
+        assert copy.should_apply(2, 0)
+
+
+def test_exp3_stays_finite_given_a_probability_that_is_not_a_number() -> None:
+    # an observation's probability comes off a topic: a NaN there must not poison the state
+    state = SelectionState.new("EXP3", ["a", "b"], eta=0.2, gamma=0.1)
+    state.learn({"a": "x"}, "y", {"a": float("nan")})
+    assert np.isfinite(state.algo.logw).all()
+    assert SelectionState.from_bytes(state.to_bytes()).to_state() == state.to_state()
 
 
 def test_state_learns_exp4_from_labels_and_punishes_missing_answers() -> None:
