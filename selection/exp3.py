@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from selection.logweights import LOG_FLOOR, resized, to_probs
+from selection.logweights import normalise, resized, to_probs
 
 
 class Exp3:
@@ -52,12 +52,10 @@ class Exp3:
         loss = min(1.0, max(0.0, float(loss)))
         prob = float(prob)
         prob = prob if prob > 1e-12 else 1e-12  # also NaN: a state must stay finite
-        # in plain floats, as Exp4.update: the same arithmetic as normalise's, a fifth of
-        # the time for a handful of arms
+        # in plain floats, as Exp4.update: a fifth of numpy's time for a handful of arms
         logw = self.logw.tolist()
         logw[arm] -= self.eta * loss / prob
-        top = max(logw)
-        self.logw = np.array([max(x - top, -LOG_FLOOR) for x in logw], dtype=np.float64)
+        self.logw = normalise(logw)
         self._cumulative = None
 
     def resize(self, keep: list[int | None]) -> None:

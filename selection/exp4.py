@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from selection.logweights import LOG_FLOOR, resized, to_probs
+from selection.logweights import normalise, resized, to_probs
 
 
 class Exp4:
@@ -69,8 +69,7 @@ class Exp4:
             total = sum(w)
             keep, spread = 1.0 - self.share, self.share / n
             logw = [math.log(keep * x / total + spread) for x in w]
-        top = max(logw)
-        self.logw = np.array([max(x - top, -LOG_FLOOR) for x in logw], dtype=np.float64)
+        self.logw = normalise(logw)
         self._weights = None
 
     def resize(self, keep: list[int | None]) -> None:

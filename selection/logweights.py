@@ -13,12 +13,13 @@ import numpy as np
 LOG_FLOOR = 30.0
 
 
-def normalise(logw: np.ndarray) -> np.ndarray:
-    """Shift so the largest log-weight is 0 and clip the rest to the floor (in place)."""
-    if logw.size:
-        logw -= logw.max()
-        np.maximum(logw, -LOG_FLOOR, out=logw)
-    return logw
+def normalise(logw: Sequence[float]) -> np.ndarray:
+    """Log-weights shifted so the largest is 0, the rest clipped to the floor; in plain
+    floats, as ``to_probs``, since every update ends here."""
+    if not len(logw):
+        return np.zeros(0, dtype=np.float64)
+    top = max(logw)
+    return np.array([max(x - top, -LOG_FLOOR) for x in logw], dtype=np.float64)
 
 
 def to_probs(logw: Sequence[float]) -> list[float]:
@@ -37,6 +38,6 @@ def resized(logw: np.ndarray, n: int, keep: list[int | None]) -> np.ndarray:
     """Log-weights for a new arm list: ``keep[j]`` is the old index of new arm j, or None
     for a new arm, which starts at the mean log-weight of the old ones."""
     start = float(logw.mean()) if logw.size else 0.0
-    out = np.array([logw[k] if k is not None else start for k in keep], dtype=np.float64)
+    out = normalise([float(logw[k]) if k is not None else start for k in keep])
     assert out.size == n
-    return normalise(out)
+    return out
