@@ -63,6 +63,8 @@ class Emitter:
         self.states_written: dict[int, int] = {}
         #: called with a record that could not be delivered (tests, the worker's log)
         self.on_undeliverable: Callable[[Outgoing, str], None] | None = None
+        #: called with each observation produced: its partition, bytes and record
+        self.on_observation: Callable[[int, bytes, dict[str, Any]], None] | None = None
 
     def prediction(self, record: dict[str, Any], partition: int, source: Source | None) -> None:
         # A prediction goes to its query's partition number: streams.dedup rebuilds the
@@ -82,6 +84,8 @@ class Emitter:
         self.counts["observations"] += 1
         partition = topics.partition_for(key, partitions)
         self._produce(Outgoing(topics.OBSERVATIONS, value, key.encode(), partition, source))
+        if self.on_observation is not None:
+            self.on_observation(partition, value, record)
 
     def states(self, records: list[tuple[bytes, bytes, int]], sources: list[Source]) -> None:
         """Selection states (key, value, partition) to the table's changelog; ``sources``

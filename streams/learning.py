@@ -74,6 +74,7 @@ class Learner:
         sensor: Sensor | None = None,
         dead_letter: Callable[[Record, str], None] | None = None,
         recent: int = 10_000,
+        made: int = 10_000,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -86,6 +87,11 @@ class Learner:
         # collector does not track (streams.heap), and decoded in the rare install
         self.recent: dict[int, deque[tuple[int, str, bytes]]] = {}
         self.recent_size = recent
+        # observations this worker made for a partition it folds, by their bytes: read
+        # back, they need no decoding (with two workers half the observations, 8 us each);
+        # bounded, as one whose produce failed is never read back
+        self._made: dict[bytes, Mapping[str, Any]] = {}
+        self.made_size = made
         self.counts = {"applied": 0, "replayed": 0, "snapshot": 0, "invalid": 0}
         #: keys folded into and not yet written to the table
         self._dirty: dict[str, SelectionState] = {}
@@ -105,25 +111,38 @@ class Learner:
         self._observed.clear()
         self.states.clear()
         self.recent.clear()
+        self._made.clear()
+
+    def made(self, value: bytes, observation: Mapping[str, Any]) -> None:
+        """This worker produced ``observation`` as ``value`` to a partition it folds."""
+        made = self._made
+        made[value] = observation
+        if len(made) > self.made_size:
+            del made[next(iter(made))]
 
     def apply(self, records: Iterable[Record]) -> None:
         """Fold a chunk of observations (in log order); ``flush`` writes what changed."""
         touched = self._dirty
         applied: dict[str, int] = {}
+        made = self._made
         for record in records:
             key_bytes, value, partition, offset = record
-            kind = codec.kind_of(value, ("Observation", "SelectionSnapshot"))
-            if kind is None or key_bytes is None:
-                self.counts["invalid"] += 1
-                self.dead_letter(record, "not an Observation or SelectionSnapshot record")
-                continue
+            decoded = made.pop(value, None)
+            if decoded is not None and key_bytes is not None:
+                kind = "Observation"
+            else:
+                kind = codec.kind_of(value, ("Observation", "SelectionSnapshot"))
+                if kind is None or key_bytes is None:
+                    self.counts["invalid"] += 1
+                    self.dead_letter(record, "not an Observation or SelectionSnapshot record")
+                    continue
+                try:
+                    decoded = codec.decode(kind, value)
+                except codec.DecodeError as exc:
+                    self.counts["invalid"] += 1
+                    self.dead_letter(record, str(exc))
+                    continue
             key = key_bytes.decode("utf-8", "replace")
-            try:
-                decoded = codec.decode(kind, value)
-            except codec.DecodeError as exc:
-                self.counts["invalid"] += 1
-                self.dead_letter(record, str(exc))
-                continue
             app = self.registry.app(decoded["app"])
             if app is None:
                 self.counts["invalid"] += 1

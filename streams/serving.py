@@ -26,6 +26,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -95,6 +96,7 @@ class ServingLoop:
             self.sensor,
             self._learn_dead_letter,
         )
+        self.pipeline.emitter.on_observation = self._made
         #: observation partitions (and where to read them from) not read until the
         #: changelog is read to their end offsets (None until a thread of its own has asked
         #: the broker for them)
@@ -226,6 +228,10 @@ class ServingLoop:
         # written once per batch
         self.learner.apply(records)
         self.learner.flush()
+
+    def _made(self, partition: int, value: bytes, observation: Mapping[str, Any]) -> None:
+        if partition in self.feed.owned:  # read back here, and folded
+            self.learner.made(value, observation)
 
     def _resume_learning(self) -> None:
         """Observation partitions assigned here are folded once this worker's view holds

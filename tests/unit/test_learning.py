@@ -98,6 +98,35 @@ def test_a_snapshot_replaces_the_state_and_keeps_what_came_after_the_replay_read
     assert table[b"app"] == everything["app"].to_state()
 
 
+def test_observations_a_worker_made_fold_without_decoding_to_the_same_state(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = make_registry("EXP4", ("m1", "m2"))
+    made = stream(300)
+    for o in made[::3]:  # some rewards and a user, as the pipeline makes them
+        o["label"], o["reward"], o["user"] = None, 0.25, "u"
+    log = records(made)
+    decoded = Learner(MemoryStore(), registry)
+    decoded.apply(log)
+    table = MemoryStore()
+    learner = Learner(table, registry, made=200)
+    for (_, value, _, _), o in zip(log, made, strict=True):
+        learner.made(value, o)  # the first 100 are pushed out by the bound
+    decodes = []
+    real_decode = codec.decode
+    monkeypatch.setattr(
+        codec, "decode", lambda kind, data: decodes.append(kind) or real_decode(kind, data)
+    )
+    learner.apply(log)
+    learner.flush()
+    assert len(decodes) == 100  # those pushed out, and only those
+    assert table[b"app"] == decoded.states["app"].to_state()  # exact floats
+    assert learner.counts["applied"] == 300 and not learner._made
+    learner.made(log[0][1], made[0])
+    learner.drop()  # its partitions are another worker's: what it made is not read here
+    assert not learner._made
+
+
 def test_garbage_on_the_observations_topic_is_dead_lettered() -> None:
     registry = make_registry("EXP4", ("m1", "m2"))
     letters: list[str] = []
