@@ -1,5 +1,7 @@
-"""clipstream's model selection layer: Exp3, Exp4 and ensemble combination in pure numpy,
-with state that serialises to JSON-compatible dicts (Faust table values).
+"""clipstream's model selection layer: Exp3, Exp4 and ensemble combination, with state
+that serialises to JSON (the selection table's values). Python only: the bandits' weights
+are plain floats (a handful of arms, updated at the feedback rate, where numpy's per-call
+overhead cost more than the arithmetic); the ensemble combines numpy score arrays.
 
 No Kafka or Faust imports here."""
 

@@ -20,7 +20,10 @@ class Exp3:
             raise ValueError("gamma must be in [0, 1]")
         self.eta = float(eta)
         self.gamma = float(gamma)
-        self.logw = np.zeros(n_arms, dtype=np.float64)
+        # plain floats, not numpy: a handful of arms, updated at the feedback rate and
+        # read into a state on every worker, where numpy's per-call overhead cost more
+        # than the arithmetic
+        self.logw: list[float] = [0.0] * n_arms
         # probabilities and their running sums, computed once per update: a query only
         # samples from them
         self._cumulative: list[float] | None = None
@@ -28,14 +31,14 @@ class Exp3:
 
     @property
     def n_arms(self) -> int:
-        return int(self.logw.size)
+        return len(self.logw)
 
     def probabilities(self) -> np.ndarray:
         return np.asarray(self._probabilities())
 
     def _probabilities(self) -> list[float]:
         keep, spread = 1.0 - self.gamma, self.gamma / self.n_arms
-        return [keep * p + spread for p in to_probs(self.logw.tolist())]
+        return [keep * p + spread for p in to_probs(self.logw)]
 
     def select(self, rng: np.random.Generator) -> tuple[int, float]:
         if self._cumulative is None:
@@ -52,8 +55,7 @@ class Exp3:
         loss = min(1.0, max(0.0, float(loss)))
         prob = float(prob)
         prob = prob if prob > 1e-12 else 1e-12  # also NaN: a state must stay finite
-        # in plain floats, as Exp4.update: a fifth of numpy's time for a handful of arms
-        logw = self.logw.tolist()
+        logw = list(self.logw)
         logw[arm] -= self.eta * loss / prob
         self.logw = normalise(logw)
         self._cumulative = None
@@ -63,10 +65,10 @@ class Exp3:
         self._cumulative = None
 
     def to_state(self) -> dict[str, Any]:
-        return {"eta": self.eta, "gamma": self.gamma, "logw": self.logw.tolist()}
+        return {"eta": self.eta, "gamma": self.gamma, "logw": list(self.logw)}
 
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> Exp3:
         algo = cls(len(d["logw"]), d["eta"], d["gamma"])
-        algo.logw = np.asarray(d["logw"], dtype=np.float64)
+        algo.logw = [float(x) for x in d["logw"]]
         return algo

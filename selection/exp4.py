@@ -29,12 +29,12 @@ class Exp4:
             raise ValueError("share must be in [0, 1)")
         self.eta = float(eta)
         self.share = float(share)
-        self.logw = np.zeros(n_experts, dtype=np.float64)
+        self.logw: list[float] = [0.0] * n_experts  # plain floats, as Exp3's
         self._weights: list[float] | None = None  # computed once per update
 
     @property
     def n_experts(self) -> int:
-        return int(self.logw.size)
+        return len(self.logw)
 
     def weights(self) -> np.ndarray:
         return np.asarray(self.weight_list())
@@ -42,7 +42,7 @@ class Exp4:
     def weight_list(self) -> list[float]:
         """The weights as floats, computed once per update (every query reads them)."""
         if self._weights is None:
-            self._weights = to_probs(self.logw.tolist())
+            self._weights = to_probs(self.logw)
         return self._weights
 
     def update(
@@ -61,7 +61,7 @@ class Exp4:
         eta = self.eta
         logw = [
             lw - eta * (v if p else absent)
-            for lw, v, p in zip(self.logw.tolist(), values, present, strict=True)
+            for lw, v, p in zip(self.logw, values, present, strict=True)
         ]
         if self.share > 0:
             top = max(logw)
@@ -77,10 +77,10 @@ class Exp4:
         self._weights = None
 
     def to_state(self) -> dict[str, Any]:
-        return {"eta": self.eta, "share": self.share, "logw": self.logw.tolist()}
+        return {"eta": self.eta, "share": self.share, "logw": list(self.logw)}
 
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> Exp4:
         algo = cls(len(d["logw"]), d["eta"], d["share"])
-        algo.logw = np.asarray(d["logw"], dtype=np.float64)
+        algo.logw = [float(x) for x in d["logw"]]
         return algo

@@ -13,13 +13,13 @@ import numpy as np
 LOG_FLOOR = 30.0
 
 
-def normalise(logw: Sequence[float]) -> np.ndarray:
+def normalise(logw: Sequence[float]) -> list[float]:
     """Log-weights shifted so the largest is 0, the rest clipped to the floor; in plain
     floats, as ``to_probs``, since every update ends here."""
     if not len(logw):
-        return np.zeros(0, dtype=np.float64)
+        return []
     top = max(logw)
-    return np.array([max(x - top, -LOG_FLOOR) for x in logw], dtype=np.float64)
+    return [max(x - top, -LOG_FLOOR) for x in logw]
 
 
 def to_probs(logw: Sequence[float]) -> list[float]:
@@ -34,10 +34,11 @@ def to_probs(logw: Sequence[float]) -> list[float]:
     return [x / total for x in w]
 
 
-def resized(logw: np.ndarray, n: int, keep: list[int | None]) -> np.ndarray:
+def resized(logw: Sequence[float], n: int, keep: list[int | None]) -> list[float]:
     """Log-weights for a new arm list: ``keep[j]`` is the old index of new arm j, or None
-    for a new arm, which starts at the mean log-weight of the old ones."""
-    start = float(logw.mean()) if logw.size else 0.0
+    for a new arm, which starts at the mean log-weight of the old ones (numpy's mean, as
+    states resized before were)."""
+    start = float(np.mean(logw)) if len(logw) else 0.0
     out = normalise([float(logw[k]) if k is not None else start for k in keep])
-    assert out.size == n
+    assert len(out) == n
     return out
