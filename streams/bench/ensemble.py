@@ -9,10 +9,11 @@ it cost per process.
 
 - ``ensemble``: deadline ``plan.deadline_ms`` (1 s unless told), objective p99 <=
   ``slo_ms``; with ``plan.feedback`` every answer is followed by one feedback record.
-  Then feedback as a throughput of its own, at ``plan.light_rate``: phase A queries only,
-  phase B the same queries plus one feedback record each (the workers' CPU difference
-  per feedback record), and a burst of feedback for A's queries (records applied per
-  second, and the workers' CPU per record).
+  Then feedback as a throughput of its own, at ``plan.light_rate``: phases of queries
+  only (A) and of the same queries plus one feedback record each (B), alternating in ABBA
+  order, give the workers' extra CPU per feedback record with its standard error
+  (streams.bench.paired); a burst of feedback for the first A's queries gives records
+  applied per second and the workers' CPU per record.
 - ``objective``: Clipper's set-up, a 20 ms deadline on the app (``plan.deadline_ms``),
   the sweep alone.
 
@@ -46,6 +47,7 @@ from streams.bench.meter import (
     Watched,
     shared_processes,
 )
+from streams.bench.paired import Phase, estimate, order
 from streams.bench.systems import avro_protocol, spawn_clipstream, wait_for_workers
 from streams.bench.warmup import broker_jit, warm_up, warm_up_parts
 from streams.config import Settings
@@ -166,6 +168,11 @@ def run_ensemble(
     return figures
 
 
+#: A/B pairs of feedback phases, in ABBA order and adjusted for the machine's speed
+#: (streams.bench.paired): one pair's difference swung from -12 to 350 us over twelve runs
+FEEDBACK_PAIRS = 4
+
+
 def feedback_phases(
     settings: Settings,
     protocol: Any,
@@ -175,20 +182,19 @@ def feedback_phases(
     dead: DeadLetters,
     progress: Progress,
 ) -> dict[str, Any]:
-    """Feedback side by side with queries in one run: A queries, B queries + feedback,
-    then a burst of feedback alone for A's answered queries."""
+    """Feedback side by side with queries in one run: phases of queries only (A) and of
+    the same queries plus one feedback record each (B), alternating; then a burst of
+    feedback alone for the first A phase's answered queries."""
 
-    def phase(feedback: bool) -> LoadResult:
-        label = "B queries + feedback" if feedback else "A queries only"
+    def phase(feedback: bool, i: int) -> LoadResult:
+        label = f"{'B queries + feedback' if feedback else 'A queries only'} ({i + 1})"
         return run_load(
             settings,
             f"feedback {label}",
             protocol,
             X,
             rate=plan.light_rate,
-            # long enough that the burst after it (one record per answer of A) is not
-            # dominated by what a worker costs whatever it does
-            duration_s=3 * plan.duration_s,
+            duration_s=2 * plan.duration_s,
             warmup_s=plan.warmup_s,
             arrivals=plan.arrivals,
             deadline_ms=plan.deadline_ms,
@@ -197,35 +203,64 @@ def feedback_phases(
             meter=meter,
         )
 
-    a = phase(False)
-    dead_a = dead.count()
-    b = phase(True)
-    dead_b = dead.count()
+    treated = order(FEEDBACK_PAIRS)
+    results = [phase(feedback, i) for i, feedback in enumerate(treated)]
+    dead_phases = dead.count()
+    a = next(r for r, t in zip(results, treated, strict=True) if not t)
+    b = next(r for r, t in zip(results, treated, strict=True) if t)
     burst = feedback_burst(settings, protocol, a.answered_rows, meter)
     dead_burst = dead.count()
-    out = {
+    rows = [phase_row(r.cost, t) for r, t in zip(results, treated, strict=True)]
+    found = estimate(
+        [
+            Phase(
+                r["feedback_per_query"],
+                r["workers_cpu_us_per_query"],
+                r["replicas_cpu_us_per_query"],
+            )
+            for r in rows
+            if r["workers_cpu_us_per_query"] is not None
+        ]
+    )
+    return {
         "rate": plan.light_rate,
         "queries_only": a,
         "with_feedback": b,
+        "phases": rows,
         "burst": burst,
-        "dead_letters": {"queries_only": dead_a, "with_feedback": dead_b, "burst": dead_burst},
+        "dead_letters": {"phases": dead_phases, "burst": dead_burst},
+        "cpu_us_per_feedback": found.effect if found else None,
+        "cpu_us_per_feedback_se": found.se if found else None,
+        "cpu_us_per_feedback_unadjusted": found.raw if found else None,
+        "cpu_us_per_feedback_unadjusted_se": found.raw_se if found else None,
+        "estimate": found.describe() if found else "na",
     }
-    out["cpu_us_per_feedback"] = cpu_per_feedback(a.cost, b.cost)
-    return out
 
 
 def workers_cpu_s(cost: dict[str, Any]) -> float:
     return sum(cost["processes"][n]["cpu_s"] for n in cost.get("workers", {}))
 
 
-def cpu_per_feedback(a: dict[str, Any], b: dict[str, Any]) -> float | None:
-    """The workers' extra CPU per applied feedback record: B's workers CPU less what A's
-    per query would have cost for B's queries, over B's applied records."""
-    applied = b.get("feedback", {}).get("applied", 0)
-    if not applied or not a.get("answered") or not b.get("answered"):
-        return None
-    expected = workers_cpu_s(a) / a["answered"] * b["answered"]
-    return (workers_cpu_s(b) - expected) * 1e6 / applied
+def phase_row(cost: dict[str, Any], feedback: bool) -> dict[str, Any]:
+    """One A/B phase: the workers' CPU per query, and the replicas' (the same batches with
+    feedback or without: the machine's speed in that phase)."""
+    answered = cost.get("answered", 0)
+    workers = cost.get("workers", {})
+    replicas = sum(
+        p["cpu_s"]
+        for n, p in cost.get("processes", {}).items()
+        if p["role"] == SYSTEM and n not in workers
+    )
+    applied = cost.get("feedback", {}).get("applied", 0)
+    return {
+        "feedback": feedback,
+        "answered": answered,
+        "applied": applied,
+        "feedback_per_query": applied / answered if answered else 0.0,
+        "workers_cpu_us_per_query": workers_cpu_s(cost) * 1e6 / answered if answered else None,
+        "replicas_cpu_us_per_query": replicas * 1e6 / answered if answered else None,
+        "state_staleness_ms": cost.get("state_staleness_ms"),
+    }
 
 
 #: feedback records per answered query in the burst: a burst of one each (1,500 records,
@@ -288,6 +323,7 @@ def summary_line(figures: dict[str, Any]) -> str:
     if fb is not None:
         parts["feedback_applied_per_s"] = fmt(fb["burst"]["applied_per_s"], 0)
         parts["cpu_us_per_feedback"] = fmt(fb["cpu_us_per_feedback"], 0)
+        parts["cpu_us_per_feedback_se"] = fmt(fb["cpu_us_per_feedback_se"], 0)
         stale = fb["with_feedback"].cost.get("state_staleness_ms") or {}
         parts["state_staleness_p99_ms"] = fmt(stale.get("p99"), 1)
     return "bench: " + " ".join(f"{k}={v}" for k, v in parts.items())
@@ -348,41 +384,47 @@ def sweep_table(figures: dict[str, Any]) -> Table:
 def feedback_table(figures: dict[str, Any]) -> Table:
     """Feedback as a throughput of its own, next to the queries it follows."""
     fb = figures["feedback"]
-    extra = fb["cpu_us_per_feedback"]
     t = Table(
         "phase",
         "queries answered",
-        "feedback sent",
-        "applied",
+        "feedback applied",
         "applied/s",
-        "workers CPU s",
         "workers CPU us/q",
-        "feedback dead letters",
+        "replicas CPU us/q",
         "state staleness p50/p99 ms",
         title=f"feedback at {fb['rate']:.0f} q/s; extra workers CPU per feedback record: "
-        + ("na" if extra is None else f"{extra:.0f} us"),
+        + fb["estimate"],
     )
-    phases = (
-        ("A queries only", fb["queries_only"].cost, fb["dead_letters"]["queries_only"]),
-        ("B queries + feedback", fb["with_feedback"].cost, fb["dead_letters"]["with_feedback"]),
-        ("feedback burst", fb["burst"]["cost"], fb["dead_letters"]["burst"]),
-    )
-    for name, cost, dead in phases:
-        f = cost.get("feedback", {})
-        cpu = workers_cpu_s(cost)
-        answered = cost["answered"]
+    for i, row in enumerate(fb["phases"]):
         t.add_row(
-            name,
-            str(answered),
-            str(f.get("sent", 0)),
-            str(f.get("applied", 0)),
-            f"{f.get('applied_per_s', 0.0):.0f}",
-            f"{cpu:.2f}",
-            f"{cpu * 1e6 / answered:.0f}" if answered else "-",
-            str(dead.get("feedback", 0)),
-            _staleness(cost),
+            f"{'B queries + feedback' if row['feedback'] else 'A queries only'} ({i + 1})",
+            str(row["answered"]),
+            str(row["applied"]),
+            "-",
+            _us(row["workers_cpu_us_per_query"]),
+            _us(row["replicas_cpu_us_per_query"]),
+            _staleness(row),
         )
+    burst = fb["burst"]
+    cost = burst["cost"]
+    t.add_row(
+        "feedback burst",
+        str(cost["answered"]),
+        str(cost.get("feedback", {}).get("applied", 0)),
+        f"{burst['applied_per_s'] or 0.0:.0f}",
+        "-",
+        "-",
+        _staleness(cost),
+    )
+    t.caption = (
+        f"burst: {_us(burst['workers_cpu_us_per_record'])} us of workers CPU per record; "
+        f"feedback dead letters {fb['dead_letters']['burst'].get('feedback', 0)}"
+    )
     return t
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _staleness(cost: dict[str, Any]) -> str:

@@ -9,10 +9,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from streams.bench import peer
-from streams.bench.ensemble import BURST_COPIES
+from streams.bench.ensemble import BURST_COPIES, FEEDBACK_PAIRS
+from streams.bench.paired import order
 from streams.bench.report import parse_summary
 from streams.config import Settings
 from streams.processes import clipstream_command
@@ -285,17 +287,26 @@ def test_the_ensemble_suite_with_feedback(kafka_settings: Settings, tmp_path: Pa
     for dead in feedback["dead_letters"].values():
         assert dead.get("feedback", 0) == 0
 
-    def workers_s(cost: dict) -> float:
-        return sum(cost["processes"][n]["cpu_s"] for n in cost["workers"])
-
-    expected = workers_s(a["cost"]) / a["cost"]["answered"] * b["cost"]["answered"]
-    extra = (workers_s(b["cost"]) - expected) * 1e6 / b["cost"]["feedback"]["applied"]
-    assert feedback["cpu_us_per_feedback"] == pytest.approx(extra)
+    # A and B phases alternate (ABBA, then BAAB); the estimate is the least-squares cost of
+    # a feedback record with the replicas' CPU per query (the machine's speed) held fixed
+    rows = feedback["phases"]
+    assert [r["feedback"] for r in rows] == order(FEEDBACK_PAIRS)
+    for r in rows:
+        assert r["answered"] > 0 and r["replicas_cpu_us_per_query"] > 0
+        assert (0 < r["applied"] <= r["answered"]) if r["feedback"] else r["applied"] == 0
+    x = np.array([[1.0, r["feedback_per_query"], r["replicas_cpu_us_per_query"]] for r in rows])
+    y = np.array([r["workers_cpu_us_per_query"] for r in rows])
+    fit = np.linalg.lstsq(x, y, rcond=None)[0]
+    assert feedback["cpu_us_per_feedback"] == pytest.approx(fit[1])
+    assert feedback["cpu_us_per_feedback_se"] > 0
 
     summary = parse_summary(done.stdout.strip().splitlines()[-1])
     assert summary["suite"] == "ensemble" and summary["max_rate_under_slo"] == "na"
     assert float(summary["feedback_applied_per_s"]) == pytest.approx(
         burst["applied_per_s"], abs=0.5
+    )
+    assert float(summary["cpu_us_per_feedback_se"]) == pytest.approx(
+        feedback["cpu_us_per_feedback_se"], abs=0.5
     )
 
 

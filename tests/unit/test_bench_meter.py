@@ -12,7 +12,7 @@ import pytest
 
 from streams.bench.compare import Plan, next_rate
 from streams.bench.cpu import cpu_seconds, pid_listening_on
-from streams.bench.ensemble import cpu_per_feedback
+from streams.bench.ensemble import phase_row
 from streams.bench.meter import BROKER, LOADGEN, SYSTEM, Snapshot, Watched, phase_figures
 from tests.conftest import wait_for
 
@@ -140,15 +140,20 @@ def test_the_sweep_stops_at_its_lowest_rate_when_nothing_holds() -> None:
     assert failed == min(tried) and min(tried) >= 10.0 and min(tried) / 1.6 < 10.0
 
 
-def test_cpu_per_feedback_is_the_workers_extra_cpu_over_applied_records() -> None:
-    def cost(worker_s: float, answered: int, applied: int = 0) -> dict:
-        return {
-            "answered": answered,
-            "processes": {"worker-0": {"cpu_s": worker_s}, "replica": {"cpu_s": 9.0}},
-            "workers": {"worker-0": {}},
-            "feedback": {"applied": applied},
-        }
-
-    # A: 1 s for 1,000 queries; B: 2,000 queries (2 s expected) + 1,000 records for 2.5 s
-    assert cpu_per_feedback(cost(1.0, 1000), cost(2.5, 2000, 1000)) == pytest.approx(500)
-    assert cpu_per_feedback(cost(1.0, 1000), cost(2.5, 2000, 0)) is None
+def test_a_feedback_phase_is_costed_per_query_for_workers_and_replicas_apart() -> None:
+    cost = {
+        "answered": 2000,
+        "processes": {
+            "worker-0": {"cpu_s": 2.5, "role": SYSTEM},
+            "replica-m": {"cpu_s": 3.0, "role": SYSTEM},
+            "broker": {"cpu_s": 9.0, "role": BROKER},  # shared: neither
+        },
+        "workers": {"worker-0": {}},
+        "feedback": {"applied": 1000},
+    }
+    row = phase_row(cost, True)
+    assert row["workers_cpu_us_per_query"] == pytest.approx(1250)
+    assert row["replicas_cpu_us_per_query"] == pytest.approx(1500)
+    assert row["feedback_per_query"] == 0.5
+    idle = phase_row({"answered": 0, "processes": {}}, False)
+    assert idle["workers_cpu_us_per_query"] is None and idle["feedback_per_query"] == 0.0
