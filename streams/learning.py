@@ -35,6 +35,19 @@ log = logging.getLogger("clipstream.learning")
 Record = tuple[bytes | None, bytes | None, int, int]
 #: (partition, offset) of one clipstream.observations record
 Observed = tuple[int, int]
+#: what folding needs of an observation, flat: app, models, their labels, their
+#: probabilities, label, reward, feedback partition, feedback offset (tuples of plain values,
+#: which the collector stops tracking: streams.heap)
+Flat = tuple[
+    str,
+    tuple[str, ...],
+    tuple[str | None, ...],
+    tuple[float, ...],
+    str | None,
+    float | None,
+    int,
+    int,
+]
 
 
 class StateStore(Protocol):
@@ -64,6 +77,22 @@ def fold(state: SelectionState, observation: Mapping[str, Any]) -> bool:
     return True
 
 
+def unflatten(flat: Flat) -> dict[str, Any]:
+    """An observation ``Learner.made`` kept, as ``fold`` reads a decoded one."""
+    app, models, labels, probs, label, reward, partition, offset = flat
+    return {
+        "app": app,
+        "answers": [
+            {"model": m, "label": lab, "prob": p}
+            for m, lab, p in zip(models, labels, probs, strict=True)
+        ],
+        "label": label,
+        "reward": reward,
+        "feedback_partition": partition,
+        "feedback_offset": offset,
+    }
+
+
 class Learner:
     """The writer of the selection keys on this worker's observation partitions."""
 
@@ -90,7 +119,7 @@ class Learner:
         # observations this worker made for a partition it folds, by their bytes: read
         # back, they need no decoding (with two workers half the observations, 8 us each);
         # bounded, as one whose produce failed is never read back
-        self._made: dict[bytes, Mapping[str, Any]] = {}
+        self._made: dict[bytes, Flat] = {}
         self.made_size = made
         self.counts = {"applied": 0, "replayed": 0, "snapshot": 0, "invalid": 0}
         #: keys folded into and not yet written to the table
@@ -116,7 +145,17 @@ class Learner:
     def made(self, value: bytes, observation: Mapping[str, Any]) -> None:
         """This worker produced ``observation`` as ``value`` to a partition it folds."""
         made = self._made
-        made[value] = observation
+        answers = observation["answers"]
+        made[value] = (
+            observation["app"],
+            tuple([a["model"] for a in answers]),
+            tuple([a["label"] for a in answers]),
+            tuple([a["prob"] for a in answers]),
+            observation["label"],
+            observation["reward"],
+            observation["feedback_partition"],
+            observation["feedback_offset"],
+        )
         if len(made) > self.made_size:
             del made[next(iter(made))]
 
@@ -127,9 +166,10 @@ class Learner:
         made = self._made
         for record in records:
             key_bytes, value, partition, offset = record
-            decoded = made.pop(value, None)
-            if decoded is not None and key_bytes is not None:
+            flat = made.pop(value, None)
+            if flat is not None and key_bytes is not None:
                 kind = "Observation"
+                decoded = unflatten(flat)
             else:
                 kind = codec.kind_of(value, ("Observation", "SelectionSnapshot"))
                 if kind is None or key_bytes is None:

@@ -4,6 +4,7 @@ brought up to date, and every worker's view reads what the writer wrote."""
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -112,6 +113,9 @@ def test_observations_a_worker_made_fold_without_decoding_to_the_same_state(
     learner = Learner(table, registry, made=200)
     for (_, value, _, _), o in zip(log, made, strict=True):
         learner.made(value, o)  # the first 100 are pushed out by the bound
+    gc.collect()
+    gc.collect()
+    assert not any(gc.is_tracked(kept) for kept in learner._made.values())  # streams.heap
     decodes = []
     real_decode = codec.decode
     monkeypatch.setattr(
