@@ -10,7 +10,7 @@ adds. Two things take that out:
   treatment (the model replicas: the same batches either way) measures how fast the
   machine was in that phase, and the estimate is adjusted for it: an ordinary least
   squares fit of ``y = a + effect * dose + slope * reference``. Measured here, this took
-  the residual of the workers' CPU per query from 98 to 8 us.
+  the residual of the workers' CPU per query from 31-165 us to 6-28 (docs/benchmarks.md).
 
 The fit reports its standard error, so a figure comes with what it can resolve."""
 
