@@ -214,6 +214,7 @@ def feedback_phases(
     found = estimate(
         [
             Phase(
+                r["feedback"],
                 r["feedback_per_query"],
                 r["workers_cpu_us_per_query"],
                 r["replicas_cpu_us_per_query"],

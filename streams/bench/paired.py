@@ -33,7 +33,10 @@ def order(pairs: int) -> list[bool]:
 
 @dataclass(frozen=True)
 class Phase:
-    #: treatment units per query in this phase (feedback records applied per query)
+    #: a B phase (given the treatment)
+    treated: bool
+    #: treatment units per query in this phase (feedback records applied per query; an A
+    #: phase may apply a few records left over from before it)
     dose: float
     #: the measured processes' CPU per query, us
     y: float
@@ -65,8 +68,8 @@ class Estimate:
 
 def estimate(phases: Sequence[Phase]) -> Estimate | None:
     """The treatment's cost per unit; None without a phase on each side."""
-    treated = [p for p in phases if p.dose > 0]
-    control = [p for p in phases if p.dose <= 0]
+    treated = [p for p in phases if p.treated]
+    control = [p for p in phases if not p.treated]
     if not treated or not control:
         return None
     raw, raw_se = _difference(treated, control)
@@ -86,7 +89,7 @@ def estimate(phases: Sequence[Phase]) -> Estimate | None:
 
 
 def _difference(treated: list[Phase], control: list[Phase]) -> tuple[float, float | None]:
-    dose = float(np.mean([p.dose for p in treated]))
+    dose = float(np.mean([p.dose for p in treated])) - float(np.mean([p.dose for p in control]))
     a, b = [p.y for p in control], [p.y for p in treated]
     diff = (float(np.mean(b)) - float(np.mean(a))) / dose
     if len(a) < 2 or len(b) < 2:

@@ -28,7 +28,7 @@ def synthetic(effect: float, seed: int, pairs: int = 4) -> list[Phase]:
         dose = 0.98 if treated else 0.0
         y = speed * (1200 + effect * dose) * (1 + rng.normal(0, 0.01))
         reference = speed * 1500 * (1 + rng.normal(0, 0.01))
-        out.append(Phase(dose, y, reference))
+        out.append(Phase(treated, dose, y, reference))
     return out
 
 
@@ -48,7 +48,22 @@ def test_the_adjusted_estimate_finds_the_cost_the_raw_difference_cannot_resolve(
 
 
 def test_without_a_phase_on_each_side_there_is_no_estimate() -> None:
-    assert estimate([Phase(0.0, 1200, 1500), Phase(0.0, 1210, 1500)]) is None
-    one_pair = estimate([Phase(0.0, 1200, 1500), Phase(1.0, 1300, 1500)])
+    assert estimate([Phase(False, 0.0, 1200, 1500), Phase(False, 0.0, 1210, 1500)]) is None
+    one_pair = estimate([Phase(False, 0.0, 1200, 1500), Phase(True, 1.0, 1300, 1500)])
     assert one_pair is not None and one_pair.effect == pytest.approx(100.0)
     assert one_pair.se is None  # one pair cannot say how far to trust it
+
+
+def test_records_left_over_in_a_queries_only_phase_are_charged_as_what_they_are() -> None:
+    # the first A phase applied 2 % of a record per query left over from before it
+    phases = [
+        Phase(False, 0.02, 1200 + 100 * 0.02, 1500),
+        Phase(True, 1.0, 1300, 1500),
+        Phase(True, 1.0, 1300 * 1.05, 1500 * 1.05),
+        Phase(False, 0.0, 1200 * 1.05, 1500 * 1.05),
+    ]
+    got = estimate(phases)
+    assert got is not None
+    assert got.effect == pytest.approx(100.0, rel=0.05)
+    # two B phases against two A phases, per record more of B than of A
+    assert got.raw == pytest.approx((1300 * 2.05 - 1200 * 2.05 - 2) / 2 / 0.99)
