@@ -67,12 +67,16 @@ class Estimate:
 
 
 def estimate(phases: Sequence[Phase]) -> Estimate | None:
-    """The treatment's cost per unit; None without a phase on each side."""
+    """The treatment's cost per unit; None without a phase on each side, or when the B
+    phases applied no more of it than the A phases (nothing to divide by)."""
     treated = [p for p in phases if p.treated]
     control = [p for p in phases if not p.treated]
     if not treated or not control:
         return None
-    raw, raw_se = _difference(treated, control)
+    dose = float(np.mean([p.dose for p in treated])) - float(np.mean([p.dose for p in control]))
+    if dose <= 0:
+        return None
+    raw, raw_se = _difference(treated, control, dose)
     y = np.array([p.y for p in phases])
     x = np.column_stack(
         [np.ones(len(phases)), [p.dose for p in phases], [p.reference for p in phases]]
@@ -88,8 +92,9 @@ def estimate(phases: Sequence[Phase]) -> Estimate | None:
     return Estimate(float(beta[1]), se, raw, raw_se, float(beta[2]))
 
 
-def _difference(treated: list[Phase], control: list[Phase]) -> tuple[float, float | None]:
-    dose = float(np.mean([p.dose for p in treated])) - float(np.mean([p.dose for p in control]))
+def _difference(
+    treated: list[Phase], control: list[Phase], dose: float
+) -> tuple[float, float | None]:
     a, b = [p.y for p in control], [p.y for p in treated]
     diff = (float(np.mean(b)) - float(np.mean(a))) / dose
     if len(a) < 2 or len(b) < 2:

@@ -49,6 +49,8 @@ def test_the_adjusted_estimate_finds_the_cost_the_raw_difference_cannot_resolve(
 
 def test_without_a_phase_on_each_side_there_is_no_estimate() -> None:
     assert estimate([Phase(False, 0.0, 1200, 1500), Phase(False, 0.0, 1210, 1500)]) is None
+    # B phases whose feedback was never applied: no cost per record to speak of
+    assert estimate([Phase(False, 0.0, 1200, 1500), Phase(True, 0.0, 1210, 1500)]) is None
     one_pair = estimate([Phase(False, 0.0, 1200, 1500), Phase(True, 1.0, 1300, 1500)])
     assert one_pair is not None and one_pair.effect == pytest.approx(100.0)
     assert one_pair.se is None  # one pair cannot say how far to trust it
