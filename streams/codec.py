@@ -30,6 +30,7 @@ SCHEMA_FILES = {
     "ControlRecord": "control_record.avsc",
     "SelectionSnapshot": "selection_snapshot.avsc",
     "Observation": "observation.avsc",
+    "ObservationBatch": "observation_batch.avsc",
     "ArtifactChunk": "artifact_chunk.avsc",
 }
 
@@ -50,8 +51,33 @@ def schema_dir() -> Path:
     raise FileNotFoundError(f"Avro schemas not found in any of {candidates}")
 
 
+NAMESPACE = "clipstream"
+
+
 def schema_json(kind: str) -> dict[str, Any]:
-    return json.loads((schema_dir() / SCHEMA_FILES[kind]).read_text())
+    """The schema of ``kind``, whole: a record another file defines is named there by its
+    full name (as ``"items": "clipstream.Observation"``), and is inlined here where it is
+    first used, so each record type is written in one file and every reader (fastavro, the
+    avro package, the fingerprint) sees one self-contained schema."""
+    schema = json.loads((schema_dir() / SCHEMA_FILES[kind]).read_text())
+    return _inline(schema, {kind})  # type: ignore[no-any-return]
+
+
+def _inline(node: Any, defined: set[str]) -> Any:
+    if isinstance(node, str):
+        kind = node.removeprefix(NAMESPACE + ".")
+        if kind != node and kind in SCHEMA_FILES and kind not in defined:
+            defined.add(kind)
+            return _inline(json.loads((schema_dir() / SCHEMA_FILES[kind]).read_text()), defined)
+        return node
+    if isinstance(node, list):
+        return [_inline(each, defined) for each in node]
+    if isinstance(node, dict):
+        return {
+            k: _inline(v, defined) if k in ("type", "items", "values", "fields") else v
+            for k, v in node.items()
+        }
+    return node
 
 
 MAGIC = b"\xc3\x01"

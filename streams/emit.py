@@ -1,9 +1,10 @@
 """Records out of the worker, each tied to the input message it finishes.
 
-A prediction, an observation or a dead letter is produced with the input message it
-completes (topic, partition, offset), selection states with the observations folded into
-them (a ``Group``); an input is marked done in ``Offsets`` only when Kafka has what it
-caused, so the offset committed never passes an input whose result could still be lost.
+A prediction or a dead letter is produced with the input message it completes (topic,
+partition, offset), a message of observations with the feedback they join and selection
+states with the observations folded into them (a ``Group``); an input is marked done in
+``Offsets`` only when Kafka has what it caused, so the offset committed never passes an
+input whose result could still be lost.
 A produce Kafka refuses for good (a record too large for the topic,
 no permission) is retried once, then dead-lettered with the reason, and the input counts
 as done: one bad record must not stop its partition. A produce that only timed out (the
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -27,6 +28,8 @@ from streams.sensors import Sensor
 log = logging.getLogger("clipstream.emit")
 
 Source = tuple[str, int, int]  # topic, partition, offset
+#: a message of observations is split above this size (the broker's default limit is 1 MB)
+MAX_OBSERVATIONS_BYTES = 256 << 10
 
 
 def now_us() -> int:
@@ -63,8 +66,8 @@ class Emitter:
         self.states_written: dict[int, int] = {}
         #: called with a record that could not be delivered (tests, the worker's log)
         self.on_undeliverable: Callable[[Outgoing, str], None] | None = None
-        #: called with each observation produced: its partition, bytes and record
-        self.on_observation: Callable[[int, bytes, dict[str, Any]], None] | None = None
+        #: called with each message of observations produced: its partition, bytes and records
+        self.on_observation: Callable[[int, bytes, list[dict[str, Any]]], None] | None = None
 
     def prediction(self, record: dict[str, Any], partition: int, source: Source | None) -> None:
         # A prediction goes to its query's partition number: streams.dedup rebuilds the
@@ -76,27 +79,44 @@ class Emitter:
             Outgoing(topics.PREDICTIONS, value, record["query_id"].encode(), partition, source)
         )
 
-    def observation(
-        self, key: str, record: dict[str, Any], partitions: int, source: Source | None
+    def observations(
+        self, partition: int, records: list[dict[str, Any]], sources: list[Source]
     ) -> None:
-        # to the one partition whose owner writes that key's state (streams.learning)
-        value = codec.encode("Observation", record)
-        self.counts["observations"] += 1
-        partition = topics.partition_for(key, partitions)
-        self._produce(Outgoing(topics.OBSERVATIONS, value, key.encode(), partition, source))
+        """Observations for one partition of clipstream.observations (the one whose owner
+        writes their keys' states: streams.learning), in one message; ``sources``, the
+        feedback record each one joins, are done once it is delivered."""
+        value = codec.encode("ObservationBatch", {"observations": records})
+        if len(value) > MAX_OBSERVATIONS_BYTES and len(records) > 1:
+            # feedback with large labels: halves, each under the broker's message limit
+            half = len(records) // 2
+            self.observations(partition, records[:half], sources[:half])
+            self.observations(partition, records[half:], sources[half:])
+            return
+        self.counts["observations"] += len(records)
+        self._produce(Outgoing(topics.OBSERVATIONS, value, None, partition, Group(sources, 1)))
         if self.on_observation is not None:
-            self.on_observation(partition, value, record)
+            self.on_observation(partition, value, records)
 
-    def states(self, records: list[tuple[bytes, bytes, int]], sources: list[Source]) -> None:
-        """Selection states (key, value, partition) to the table's changelog; ``sources``
-        are done when all of them are delivered."""
-        if not records:
+    def states(
+        self,
+        records: list[tuple[bytes, bytes, int]],
+        sources: list[Source],
+        rejected: Sequence[tuple[bytes, bytes, int, int, str]] = (),
+    ) -> None:
+        """Selection states (key, value, partition) to the table's changelog, and dead
+        letters for the observations of ``sources`` that were not folded (key, value,
+        partition, offset, reason); ``sources`` are done when all of them are delivered."""
+        if not records and not rejected:
             for source in sources:
                 self.offsets.done(*source)
             return
-        group = Group(sources, len(records))
+        group = Group(sources, len(records) + len(rejected))
         for key, value, partition in records:
             self._produce(Outgoing(topics.SELECTION_CHANGELOG, value, key, partition, group))
+        for key, value, partition, offset, reason in rejected:
+            self.dead_letter(
+                topics.OBSERVATIONS, partition, offset, key, value, reason, "learn", done=group
+            )
 
     def dead_letter(
         self,

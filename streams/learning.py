@@ -2,9 +2,11 @@
 
 Feedback reaches the worker that answered its query (the query's partition: the SDK keys
 a query and its feedback by the query id). That worker joins the feedback with the query's
-answers from its answer memory into an ``Observation`` keyed by the selection key
+answers from its answer memory into an ``Observation`` for the selection key
 (streams.pipeline). All observations of one key land on one partition of
-clipstream.observations; the serving group's member assigned that partition number (the
+clipstream.observations, those of one batch of feedback in one message for each partition
+(an ``ObservationBatch``: at a steady rate one Kafka message per observation cost the
+worker more than the fold); the serving group's member assigned that partition number (the
 range assignor gives it with the same numbers of the queries and feedback) is the key's
 one writer: it folds them into the key's state in log order and writes the state to the
 selection table's changelog, the same partition number (``ChangelogStore``). Every worker
@@ -26,7 +28,7 @@ from models.registry import Registry
 from selection import SelectionState
 from streams import codec, topics
 from streams.emit import Emitter
-from streams.sensors import UNKNOWN, Sensor
+from streams.sensors import Sensor
 from streams.state_view import StateView
 
 log = logging.getLogger("clipstream.learning")
@@ -35,10 +37,14 @@ log = logging.getLogger("clipstream.learning")
 Record = tuple[bytes | None, bytes | None, int, int]
 #: (partition, offset) of one clipstream.observations record
 Observed = tuple[int, int]
-#: what folding needs of an observation, flat: app, models, their labels, their
-#: probabilities, label, reward, feedback partition, feedback offset (tuples of plain values,
-#: which the collector stops tracking: streams.heap)
+#: an observation inside a message that could not be folded: (its selection key, the
+#: observation as a record of its own, partition, offset of the message, the reason)
+Rejected = tuple[bytes, bytes, int, int, str]
+#: what folding needs of an observation, flat: selection key, app, models, their labels,
+#: their probabilities, label, reward, feedback partition, feedback offset (tuples of plain
+#: values, which the collector stops tracking: streams.heap)
 Flat = tuple[
+    str,
     str,
     tuple[str, ...],
     tuple[str | None, ...],
@@ -48,6 +54,9 @@ Flat = tuple[
     int,
     int,
 ]
+#: what clipstream.observations holds: this release writes batches, older ones wrote one
+#: observation a message, and replays write snapshots
+KINDS = ("ObservationBatch", "Observation", "SelectionSnapshot")
 
 
 class StateStore(Protocol):
@@ -56,9 +65,15 @@ class StateStore(Protocol):
     def stored(self, key: str) -> SelectionState | None:
         """The key's last written state, or None if it was never written."""
 
-    def write(self, states: Mapping[str, SelectionState], observed: list[Observed]) -> None:
-        """Write these states; the observations folded into them are done (their offsets
-        may be committed) once every write is safely stored."""
+    def write(
+        self,
+        states: Mapping[str, SelectionState],
+        observed: list[Observed],
+        rejected: list[Rejected],
+    ) -> None:
+        """Write these states, and dead-letter the observations rejected; the messages
+        folded into them are done (their offsets may be committed) once every write and
+        every dead letter is safely stored."""
 
 
 def fold(state: SelectionState, observation: Mapping[str, Any]) -> bool:
@@ -77,10 +92,34 @@ def fold(state: SelectionState, observation: Mapping[str, Any]) -> bool:
     return True
 
 
+def observations_in(kind: str, record: Mapping[str, Any], key: str | None) -> list[Any]:
+    """The observations a decoded message holds, in log order: a batch's, or the one a
+    message of an older release held (``key``: that message's key)."""
+    if kind == "ObservationBatch":
+        return list(record["observations"])
+    return [dict(record, key=key)] if kind == "Observation" else []
+
+
+def flatten(observation: Mapping[str, Any]) -> Flat:
+    answers = observation["answers"]
+    return (
+        observation["key"],
+        observation["app"],
+        tuple([a["model"] for a in answers]),
+        tuple([a["label"] for a in answers]),
+        tuple([a["prob"] for a in answers]),
+        observation["label"],
+        observation["reward"],
+        observation["feedback_partition"],
+        observation["feedback_offset"],
+    )
+
+
 def unflatten(flat: Flat) -> dict[str, Any]:
     """An observation ``Learner.made`` kept, as ``fold`` reads a decoded one."""
-    app, models, labels, probs, label, reward, partition, offset = flat
+    key, app, models, labels, probs, label, reward, partition, offset = flat
     return {
+        "key": key,
         "app": app,
         "answers": [
             {"model": m, "label": lab, "prob": p}
@@ -105,31 +144,35 @@ class Learner:
         recent: int = 10_000,
         made: int = 10_000,
     ) -> None:
+        """``dead_letter``: called with a message that holds nothing to fold, and why (the
+        message is done once its dead letter is delivered)."""
         self.store = store
         self.registry = registry
         self.sensor = sensor or Sensor()
         self.dead_letter = dead_letter or (lambda record, reason: log.error("%s", reason))
         #: decoded states of the keys written here (the table holds them serialised)
         self.states: dict[str, SelectionState] = {}
-        # recent observations per partition: what a replayed snapshot is brought up to date
-        # with (those that arrived while the replay ran); kept encoded, as flat tuples the
-        # collector does not track (streams.heap), and decoded in the rare install
-        self.recent: dict[int, deque[tuple[int, str, bytes]]] = {}
+        # recent messages per partition: what a replayed snapshot is brought up to date with
+        # (the observations that arrived while the replay ran); kept encoded, as flat tuples
+        # the collector does not track (streams.heap), and decoded in the rare install
+        self.recent: dict[int, deque[tuple[int, str | None, bytes]]] = {}
         self.recent_size = recent
-        # observations this worker made for a partition it folds, by their bytes: read
-        # back, they need no decoding (with two workers half the observations, 8 us each);
+        # messages this worker made for a partition it folds, by their bytes: read back,
+        # they need no decoding (with two workers half of them, 5 us an observation);
         # bounded, as one whose produce failed is never read back
-        self._made: dict[bytes, Flat] = {}
+        self._made: dict[bytes, list[Flat]] = {}
         self.made_size = made
         self.counts = {"applied": 0, "replayed": 0, "snapshot": 0, "invalid": 0}
         #: keys folded into and not yet written to the table
         self._dirty: dict[str, SelectionState] = {}
-        #: observations read since the last flush (applied, or found applied before)
+        #: messages read since the last flush (applied, or found applied before)
         self._observed: list[Observed] = []
+        #: observations of those messages that could not be folded
+        self._rejected: list[Rejected] = []
 
     @property
     def unwritten(self) -> int:
-        """Observations read and not yet handed to the store."""
+        """Messages read and not yet handed to the store."""
         return len(self._observed)
 
     def drop(self) -> None:
@@ -138,96 +181,122 @@ class Learner:
         are read again)."""
         self._dirty.clear()
         self._observed.clear()
+        self._rejected.clear()
         self.states.clear()
         self.recent.clear()
         self._made.clear()
 
-    def made(self, value: bytes, observation: Mapping[str, Any]) -> None:
-        """This worker produced ``observation`` as ``value`` to a partition it folds."""
+    def made(self, value: bytes, observations: list[Mapping[str, Any]]) -> None:
+        """This worker produced ``observations`` as ``value`` to a partition it folds."""
         made = self._made
-        answers = observation["answers"]
-        made[value] = (
-            observation["app"],
-            tuple([a["model"] for a in answers]),
-            tuple([a["label"] for a in answers]),
-            tuple([a["prob"] for a in answers]),
-            observation["label"],
-            observation["reward"],
-            observation["feedback_partition"],
-            observation["feedback_offset"],
-        )
+        made[value] = [flatten(o) for o in observations]
         if len(made) > self.made_size:
             del made[next(iter(made))]
 
     def apply(self, records: Iterable[Record]) -> None:
-        """Fold a chunk of observations (in log order); ``flush`` writes what changed."""
+        """Fold a chunk of messages (in log order); ``flush`` writes what changed."""
         touched = self._dirty
         applied: dict[str, int] = {}
-        made = self._made
         for record in records:
-            key_bytes, value, partition, offset = record
-            flat = made.pop(value, None)
-            if flat is not None and key_bytes is not None:
-                kind = "Observation"
-                decoded = unflatten(flat)
-            else:
-                kind = codec.kind_of(value, ("Observation", "SelectionSnapshot"))
-                if kind is None or key_bytes is None:
-                    self.counts["invalid"] += 1
-                    self.dead_letter(record, "not an Observation or SelectionSnapshot record")
-                    continue
-                try:
-                    decoded = codec.decode(kind, value)
-                except codec.DecodeError as exc:
-                    self.counts["invalid"] += 1
-                    self.dead_letter(record, str(exc))
-                    continue
-            key = key_bytes.decode("utf-8", "replace")
-            app = self.registry.app(decoded["app"])
-            if app is None:
-                self.counts["invalid"] += 1
-                self.dead_letter(record, f"observation for unknown app {decoded['app']!r}")
+            read = self._read(record)
+            if read is None:
                 continue
+            kind, found = read
+            _, value, partition, offset = record
+            self._observed.append((partition, offset))
             if kind == "SelectionSnapshot":
-                self._observed.append((partition, offset))
+                key, snapshot = found[0]
                 try:
-                    state = self._install(key, decoded, partition, offset)
+                    touched[key] = self._install(key, snapshot, partition, offset)
                 except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    self._observed.pop()
                     self.counts["invalid"] += 1
                     self.dead_letter(record, f"invalid selection snapshot: {exc!r}")
                     continue
-                self.sensor.on_feedback(decoded["app"], "snapshot")
+                self.sensor.on_feedback(snapshot["app"], "snapshot")
                 self.counts["snapshot"] += 1
-            else:
+                continue
+            any_applied = False
+            for key, observation in found:
+                app_name = observation["app"]
+                app = self.registry.app(app_name)
+                if app is None:
+                    self._reject(key, observation, partition, offset)
+                    continue
                 state = self._state(key, app)
-                self._observed.append((partition, offset))
-                if not fold(state, decoded):
+                if not fold(state, observation):
                     # done with the next write: the state that has it may not be stored yet
                     self.counts["replayed"] += 1
-                    self.sensor.on_feedback(decoded["app"], "replayed")
+                    self.sensor.on_feedback(app_name, "replayed")
                     continue
-                self._remember(partition, offset, key, value)
+                any_applied = True
                 self.counts["applied"] += 1
-                applied[decoded["app"]] = applied.get(decoded["app"], 0) + 1
-            touched[key] = state
+                applied[app_name] = applied.get(app_name, 0) + 1
+                touched[key] = state
+            if any_applied and value is not None:
+                self._remember(
+                    partition, offset, found[0][0] if kind == "Observation" else None, value
+                )
         for app_name, n in applied.items():
-            label = app_name if self.registry.app(app_name) is not None else UNKNOWN
-            self.sensor.on_feedback(label, "applied", n)
+            self.sensor.on_feedback(app_name, "applied", n)
 
     def flush(self) -> int:
         """Write each key folded into since the last flush, once: at low rates a fetch holds
-        one observation, and a write (a changelog record every worker reads) per
-        observation cost far more than the fold. Returns the keys written."""
+        one message, and a write (a changelog record every worker reads) per observation
+        cost far more than the fold. Returns the keys written."""
         if not self._observed and not self._dirty:
             return 0
         dirty, self._dirty = self._dirty, {}
         observed, self._observed = self._observed, []
-        self.store.write(dirty, observed)
+        rejected, self._rejected = self._rejected, []
+        self.store.write(dirty, observed, rejected)
         for key, state in dirty.items():
             app_name = key.split("|", 1)[0]
             if key == app_name and self.registry.app(app_name) is not None:
                 self.sensor.on_weights(app_name, state.weights())
         return len(dirty)
+
+    def _read(self, record: Record) -> tuple[str, list[tuple[str, Any]]] | None:
+        """(kind, [(selection key, observation or snapshot)]) of a message, or None (and a
+        dead letter) if it holds nothing to fold."""
+        key_bytes, value, _, _ = record
+        kept = self._made.pop(value, None) if value is not None else None
+        if kept is not None:
+            return "ObservationBatch", [(flat[0], unflatten(flat)) for flat in kept]
+        kind = codec.kind_of(value, KINDS)
+        if kind is None:
+            return self._invalid(record, "not an Observation(Batch) or SelectionSnapshot record")
+        if kind != "ObservationBatch" and key_bytes is None:
+            return self._invalid(record, f"{kind} record without its selection key")
+        try:
+            decoded = codec.decode(kind, value)
+        except codec.DecodeError as exc:
+            return self._invalid(record, str(exc))
+        if kind == "SelectionSnapshot":
+            assert key_bytes is not None
+            key = key_bytes.decode("utf-8", "replace")
+            if self.registry.app(decoded["app"]) is None:
+                return self._invalid(record, f"snapshot for unknown app {decoded['app']!r}")
+            return kind, [(key, decoded)]
+        key = key_bytes.decode("utf-8", "replace") if key_bytes is not None else None
+        return kind, [(o["key"], o) for o in observations_in(kind, decoded, key)]
+
+    def _invalid(self, record: Record, reason: str) -> None:
+        self.counts["invalid"] += 1
+        self.dead_letter(record, reason)
+        return None
+
+    def _reject(
+        self, key: str, observation: Mapping[str, Any], partition: int, offset: int
+    ) -> None:
+        """An observation of an app no longer registered: dead-lettered on its own, as a
+        record of its own, when the message's other observations are written."""
+        self.counts["invalid"] += 1
+        value = codec.encode(
+            "Observation", {"user": None, "query_id": "", "at_us": 0, **observation}
+        )
+        reason = f"observation for unknown app {observation['app']!r}"
+        self._rejected.append((key.encode(), value, partition, offset, reason))
 
     def _state(self, key: str, app: Mapping[str, Any]) -> SelectionState:
         state = self.states.get(key)
@@ -236,7 +305,7 @@ class Learner:
         state = self.states[key] = SelectionState.following(state, app)
         return state
 
-    def _remember(self, partition: int, offset: int, key: str, value: bytes) -> None:
+    def _remember(self, partition: int, offset: int, key: str | None, value: bytes) -> None:
         log_ = self.recent.get(partition)
         if log_ is None:
             log_ = self.recent[partition] = deque(maxlen=self.recent_size)
@@ -261,8 +330,11 @@ class Learner:
             )
         if since >= 0:  # -1: a state from elsewhere (a file), nothing to bring it up to
             for at, k, value in recent:
-                if k == key and since < at < offset:
-                    fold(state, codec.decode("Observation", value))
+                if since < at < offset and k in (None, key):
+                    kind = "Observation" if k is not None else "ObservationBatch"
+                    for observation in observations_in(kind, codec.decode(kind, value), k):
+                        if observation["key"] == key:
+                            fold(state, observation)
         self.states[key] = state
         return state
 
@@ -283,10 +355,19 @@ class ChangelogStore:
     def stored(self, key: str) -> SelectionState | None:
         return self.view.stored(key)
 
-    def write(self, states: Mapping[str, SelectionState], observed: list[Observed]) -> None:
+    def write(
+        self,
+        states: Mapping[str, SelectionState],
+        observed: list[Observed],
+        rejected: list[Rejected],
+    ) -> None:
         records = []
         for key, state in states.items():
             value = state.to_bytes()
             self.view.wrote(key, value, state)
             records.append((key.encode(), value, topics.partition_for(key, self.partitions)))
-        self.emitter.states(records, [(topics.OBSERVATIONS, p, o) for p, o in observed])
+        self.emitter.states(
+            records,
+            [(topics.OBSERVATIONS, p, o) for p, o in observed],
+            rejected,
+        )

@@ -26,7 +26,7 @@ from streams import codec, merge, topics
 from streams.answers import AnswerMemory, EmittedIds, Remembered
 from streams.config import Settings
 from streams.dispatch import Dispatcher
-from streams.emit import Emitter
+from streams.emit import Emitter, Source
 from streams.limits import deadline_problem
 from streams.offsets import Offsets
 from streams.pending import Answer, Pending, PendingQueries
@@ -305,9 +305,28 @@ class Pipeline:
     # -- feedback -----------------------------------------------------------------------
 
     def on_feedback(self, messages: Iterable[MessageLike], now: int) -> None:
-        self._each(messages, now, self._feedback, topics.FEEDBACK, "feedback")
+        """Join each feedback record to its query's answers; the observations go out one
+        message per observations partition (their owners fold them: streams.learning)."""
+        made: dict[int, tuple[list[dict[str, Any]], list[Source]]] = {}
 
-    def _feedback(self, msg: MessageLike, now: int) -> None:
+        def feedback(msg: MessageLike, now: int) -> None:
+            self._feedback(msg, now, made)
+
+        self._each(messages, now, feedback, topics.FEEDBACK, "feedback")
+        observed: dict[str, int] = {}
+        for partition, (records, sources) in made.items():
+            self.emitter.observations(partition, records, sources)
+            for record in records:
+                observed[record["app"]] = observed.get(record["app"], 0) + 1
+        for app_name, n in observed.items():
+            self.sensor.on_feedback(app_name, "observed", n)
+
+    def _feedback(
+        self,
+        msg: MessageLike,
+        now: int,
+        made: dict[int, tuple[list[dict[str, Any]], list[Source]]],
+    ) -> None:
         partition, offset = msg.partition(), msg.offset()
         self.offsets.read(topics.FEEDBACK, partition, offset)
         fb = self._decode("Feedback", msg, topics.FEEDBACK, "feedback")
@@ -358,13 +377,10 @@ class Pipeline:
             "feedback_offset": offset,
             "at_us": now,
         }
-        self.emitter.observation(
-            remembered.key,
-            observation,
-            self.settings.partitions,
-            (topics.FEEDBACK, partition, offset),
-        )
-        self.sensor.on_feedback(fb["app"], "observed")
+        to = topics.partition_for(remembered.key, self.settings.partitions)
+        records, sources = made.setdefault(to, ([], []))
+        records.append(observation)
+        sources.append((topics.FEEDBACK, partition, offset))
 
     # -- time ---------------------------------------------------------------------------
 

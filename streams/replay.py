@@ -1,7 +1,7 @@
 """``clipstream replay``: rebuild selection state from the log it was learnt from.
 
 Every feedback record the workers accepted is on clipstream.observations, joined with the
-answers of its query and keyed by its selection key, in the order the key's one writer
+answers of its query, on its selection key's partition, in the order the key's one writer
 applied it (streams.learning). Replay folds that log again from scratch with the same
 ``fold`` and writes one ``SelectionSnapshot`` per selection key to the same topic; the
 worker owning the key installs it and re-applies what arrived after the replay read. So
@@ -29,7 +29,7 @@ from selection import SelectionState, selection_key
 from streams import codec, topics
 from streams.config import Settings
 from streams.kafka_util import consume_ready
-from streams.learning import fold
+from streams.learning import fold, observations_in
 from streams.merge import model_answers
 
 
@@ -124,12 +124,22 @@ def observations_from_topic(
             return starts.get(partition, high)
         return from_offset if from_offset is not None else low
 
-    for partition, offset, _key, value in read_topic(
+    for partition, offset, key, value in read_topic(
         settings, topics.OBSERVATIONS, start, on_progress, covered, on_total
     ):
-        if codec.kind_of(value, ("Observation",)) is None:
-            continue  # snapshots of earlier replays, or bytes that are not observations
-        record = codec.decode("Observation", value)
+        yield from observations_of(app, partition, offset, key, value)
+
+
+def observations_of(
+    app: str, partition: int, offset: int, key: bytes | None, value: bytes | None
+) -> Iterator[Observed]:
+    """``app``'s observations in one message of clipstream.observations, in log order: a
+    batch's, or the one a message of an older release holds."""
+    kind = codec.kind_of(value, ("ObservationBatch", "Observation"))
+    if kind is None:
+        return  # snapshots of earlier replays, or bytes that are not observations
+    text = key.decode("utf-8", "replace") if key is not None else None
+    for record in observations_in(kind, codec.decode(kind, value), text):
         if record["app"] == app:
             yield Observed(partition, offset, record)
 

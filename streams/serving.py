@@ -26,7 +26,6 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Mapping
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -229,9 +228,9 @@ class ServingLoop:
         self.learner.apply(records)
         self.learner.flush()
 
-    def _made(self, partition: int, value: bytes, observation: Mapping[str, Any]) -> None:
+    def _made(self, partition: int, value: bytes, observations: list[dict[str, Any]]) -> None:
         if partition in self.feed.owned:  # read back here, and folded
-            self.learner.made(value, observation)
+            self.learner.made(value, observations)
 
     def _resume_learning(self) -> None:
         """Observation partitions assigned here are folded once this worker's view holds

@@ -83,18 +83,26 @@ class MemoryStore(dict):
     def __init__(self) -> None:
         super().__init__()
         self.writes = 0
-        #: observations the writes made done, in order
+        #: messages the writes made done, in order
         self.done: list[tuple[int, int]] = []
+        #: observations dead-lettered with the writes: (key, value, partition, offset, reason)
+        self.rejected: list[tuple[bytes, bytes, int, int, str]] = []
 
     def stored(self, key: str) -> SelectionState | None:
         value = self.get(key.encode())
         return SelectionState.from_state(value) if value else None
 
-    def write(self, states: Mapping[str, SelectionState], observed: list[tuple[int, int]]) -> None:
+    def write(
+        self,
+        states: Mapping[str, SelectionState],
+        observed: list[tuple[int, int]],
+        rejected: list[tuple[bytes, bytes, int, int, str]],
+    ) -> None:
         for key, state in states.items():
             self.writes += 1
             self[key.encode()] = json.loads(json.dumps(state.to_state()))
         self.done.extend(observed)
+        self.rejected.extend(rejected)
 
 
 class RecordingProducer:
@@ -322,7 +330,22 @@ def observation(qid: str, labels: dict[str, str | None], truth: str, fb_offset: 
 
 
 def records(observations: list[dict], start: int = 0, partition: int = 1) -> list:
+    """Messages of clipstream.observations as release 0.1.0 wrote them: one observation
+    each, keyed by its selection key."""
     return [
         (o["key"].encode(), codec.encode("Observation", o), partition, start + i)
         for i, o in enumerate(observations)
+    ]
+
+
+def batches(observations: list[dict], per: int, start: int = 0, partition: int = 1) -> list:
+    """Messages of clipstream.observations as workers write them: ``per`` observations each."""
+    return [
+        (
+            None,
+            codec.encode("ObservationBatch", {"observations": observations[i : i + per]}),
+            partition,
+            start + n,
+        )
+        for n, i in enumerate(range(0, len(observations), per))
     ]

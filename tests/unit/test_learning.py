@@ -15,10 +15,17 @@ from streams import codec, topics
 from streams.emit import Emitter
 from streams.learning import ChangelogStore, Learner
 from streams.offsets import Offsets
-from streams.replay import Observed, rebuild
+from streams.replay import Observed, observations_of, rebuild
 from streams.sensors import Sensor
 from streams.state_view import StateView
-from tests.unit.fakes import MemoryStore, RecordingProducer, make_registry, observation, records
+from tests.unit.fakes import (
+    MemoryStore,
+    RecordingProducer,
+    batches,
+    make_registry,
+    observation,
+    records,
+)
 
 
 def stream(n: int, seed: int = 0) -> list[dict]:
@@ -37,17 +44,19 @@ def test_live_folding_in_chunks_equals_replay_bit_for_bit() -> None:
     registry = make_registry("EXP4", ("m1", "m2"))
     table = MemoryStore()
     learner = Learner(table, registry)
-    log = records(stream(500))
-    for i in range(0, len(log), 37):  # fetched batches of any size
-        learner.apply(log[i : i + 37])
-        if i % 74 == 0:
+    made = stream(500)
+    # a log an older release began (one observation a message) and this one went on with
+    log = records(made[:100]) + batches(made[100:], per=9, start=100)
+    for i in range(0, len(log), 7):  # fetched batches of any size
+        learner.apply(log[i : i + 7])
+        if i % 14 == 0:
             learner.flush()  # written now and then, not after every fetch
     learner.flush()
     live = SelectionState.from_state(table[b"app"])
     replayed, counts = rebuild(
-        registry, "app", [Observed(1, i, codec.decode("Observation", v)) for _, v, _, i in log]
+        registry, "app", [o for k, v, p, i in log for o in observations_of("app", p, i, k, v)]
     )
-    assert counts["applied"] == 500
+    assert counts["applied"] == 500 == learner.counts["applied"]
     assert replayed["app"].to_state() == live.to_state()  # exact floats, not approx
     w = live.weights()
     assert w["m1"] > 0.9 > w["m2"]
@@ -99,6 +108,40 @@ def test_a_snapshot_replaces_the_state_and_keeps_what_came_after_the_replay_read
     assert table[b"app"] == everything["app"].to_state()
 
 
+def test_a_snapshot_of_one_key_is_brought_up_to_date_from_batches_of_several_keys() -> None:
+    registry = make_registry("EXP4", ("m1", "m2"), personalised=True)
+    table = MemoryStore()
+    learner = Learner(table, registry)
+    made = stream(120)
+    for i, o in enumerate(made):
+        o["user"] = f"u{i % 2}"
+        o["key"] = f"app|{o['user']}"
+    log = batches(made, per=6)  # 20 messages, each with both keys
+    learner.apply(log[:15])
+    read = [o for k, v, p, i in log[:12] for o in observations_of("app", p, i, k, v)]
+    replayed, _ = rebuild(registry, "app", read)  # the replay read messages 0-11
+    learner.apply(log[15:])
+    snapshot = codec.encode(
+        "SelectionSnapshot",
+        {
+            "key": "app|u0",
+            "app": "app",
+            "state": json.dumps(replayed["app|u0"].to_state()),
+            "source": "test",
+            "at_us": 0,
+            "observed_offset": 11,
+        },
+    )
+    learner.apply([(b"app|u0", snapshot, 1, 20)])
+    learner.flush()
+    everything, _ = rebuild(
+        registry, "app", [o for k, v, p, i in log for o in observations_of("app", p, i, k, v)]
+    )
+    assert table[b"app|u0"] == everything["app|u0"].to_state()  # 12-19 folded again, u0's only
+    assert table[b"app|u1"] == everything["app|u1"].to_state()
+    assert replayed["app|u0"].to_state() != everything["app|u0"].to_state()
+
+
 def test_observations_a_worker_made_fold_without_decoding_to_the_same_state(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -106,16 +149,16 @@ def test_observations_a_worker_made_fold_without_decoding_to_the_same_state(
     made = stream(300)
     for o in made[::3]:  # some rewards and a user, as the pipeline makes them
         o["label"], o["reward"], o["user"] = None, 0.25, "u"
-    log = records(made)
+    log = batches(made, per=3)
     decoded = Learner(MemoryStore(), registry)
     decoded.apply(log)
     table = MemoryStore()
-    learner = Learner(table, registry, made=200)
-    for (_, value, _, _), o in zip(log, made, strict=True):
-        learner.made(value, o)  # the first 100 are pushed out by the bound
+    learner = Learner(table, registry, made=70)
+    for n, (_, value, _, _) in enumerate(log):
+        learner.made(value, made[3 * n : 3 * n + 3])  # the first 30 are pushed out by the bound
     gc.collect()
     gc.collect()
-    assert not any(gc.is_tracked(kept) for kept in learner._made.values())  # streams.heap
+    assert not any(gc.is_tracked(f) for kept in learner._made.values() for f in kept)
     decodes = []
     real_decode = codec.decode
     monkeypatch.setattr(
@@ -123,24 +166,41 @@ def test_observations_a_worker_made_fold_without_decoding_to_the_same_state(
     )
     learner.apply(log)
     learner.flush()
-    assert len(decodes) == 100  # those pushed out, and only those
+    assert len(decodes) == 30  # those pushed out, and only those
     assert table[b"app"] == decoded.states["app"].to_state()  # exact floats
     assert learner.counts["applied"] == 300 and not learner._made
-    learner.made(log[0][1], made[0])
+    learner.made(log[0][1], made[:3])
     learner.drop()  # its partitions are another worker's: what it made is not read here
     assert not learner._made
 
 
 def test_garbage_on_the_observations_topic_is_dead_lettered() -> None:
     registry = make_registry("EXP4", ("m1", "m2"))
-    letters: list[str] = []
+    letters: list[tuple[int, str]] = []
+    table = MemoryStore()
     learner = Learner(
-        MemoryStore(), registry, dead_letter=lambda record, reason: letters.append(reason)
+        table, registry, dead_letter=lambda record, reason: letters.append((record[3], reason))
     )
-    other = observation("q", {"m1": "1"}, "1", 0)
-    other["app"] = "gone"
-    learner.apply([(b"app", b"\x00junk", 0, 0), (b"app", codec.encode("Observation", other), 0, 1)])
-    assert len(letters) == 2 and "unknown app 'gone'" in letters[1]
+    gone = observation("q0", {"m1": "1"}, "1", 0)
+    gone["app"] = "gone"
+    good = [observation(f"q{i}", {"m1": "1"}, "1", i) for i in (1, 2)]
+    learner.apply(
+        [
+            (b"app", b"\x00junk", 0, 0),
+            (None, codec.encode("Observation", good[0]), 0, 1),
+            *batches([gone, good[1]], per=2, start=2, partition=0),
+        ]
+    )
+    learner.flush()
+    # a message with nothing to fold is dead-lettered, and done with its dead letter
+    assert [at for at, _ in letters] == [0, 1]
+    assert "Observation record without its selection key" in letters[1][1]
+    # one observation of a batch that cannot be folded is dead-lettered as a record of its
+    # own, done with the write of the others
+    assert learner.counts["applied"] == 1 and table.done == [(0, 2)]
+    ((key, value, partition, offset, reason),) = table.rejected
+    assert (key, partition, offset) == (b"app", 0, 2) and "unknown app 'gone'" in reason
+    assert codec.decode("Observation", value)["query_id"] == "q0"
 
 
 def test_every_worker_chooses_from_what_the_writer_wrote() -> None:
@@ -266,6 +326,32 @@ def test_the_changelog_store_writes_each_key_to_its_partition_and_is_done_when_a
     view.disown()
     view.apply("app|u0", json.dumps(SelectionState.following(None, app).to_state()).encode())
     assert view.state_for("app|u0", app).weights()["m1"] == pytest.approx(0.5)
+
+
+def test_observations_rejected_from_a_message_are_dead_lettered_with_its_write() -> None:
+    producer, offsets, view = RecordingProducer(), Offsets(), StateView()
+    store = ChangelogStore(view, Emitter(producer, offsets, Sensor()), partitions=4)
+    learner = Learner(store, make_registry("EXP4", ("m1", "m2")))
+    gone = observation("q0", {"m1": "1"}, "1", 0)
+    gone["app"] = "gone"
+    offsets.read(topics.OBSERVATIONS, 2, 0)
+    learner.apply(batches([gone, observation("q1", {"m1": "1"}, "1", 1)], per=2, partition=2))
+    learner.flush()
+    sent = {t: v for t, v, _, _ in producer.sent}
+    assert set(sent) == {topics.SELECTION_CHANGELOG, topics.DEADLETTER}
+    letter = codec.decode("DeadLetter", sent[topics.DEADLETTER])
+    assert (letter["source_topic"], letter["partition"], letter["offset"]) == (
+        topics.OBSERVATIONS,
+        2,
+        0,
+    )
+    assert codec.decode("Observation", letter["value"])["query_id"] == "q0"
+    # the message is done once the state and the dead letter are both delivered
+    (first, delivered), second = producer._callbacks
+    delivered(None, first)
+    assert offsets.to_commit() == {}
+    second[1](None, second[0])
+    assert offsets.to_commit() == {(topics.OBSERVATIONS, 2): 1}
 
 
 def test_a_flush_with_nothing_to_write_makes_its_observations_done_at_once() -> None:

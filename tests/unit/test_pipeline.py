@@ -8,6 +8,7 @@ from collections import deque
 import pytest
 
 from streams import codec, topics
+from streams.emit import MAX_OBSERVATIONS_BYTES
 from streams.pipeline import MAX_CLIENT_SKEW_US, now_us
 from tests.unit.fakes import (
     LOG_APPEND_TIME,
@@ -300,26 +301,63 @@ def test_a_prediction_that_timed_out_is_produced_again_until_delivered() -> None
     assert {p["query_id"] for p in producer.on(topics.PREDICTIONS, "Prediction")} == {"q"}
 
 
-def test_feedback_becomes_an_observation_on_its_keys_partition() -> None:
+def test_feedback_becomes_observations_one_message_per_keys_partition() -> None:
     pipe, producer = make_pipeline(
         make_registry("EXP4", ("m1", "m2"), personalised=True), partitions=4
     )
     now = now_us()
-    pipe.on_queries([query("q", user="ann", deadline_ms=LONG)], now)
+    users = ("ann", "bob", "cid")  # partitions 3, 2, 3
+    for i, user in enumerate(users):
+        pipe.on_queries([query(f"q{i}", user=user, deadline_ms=LONG, offset=i)], now)
     pipe.tick(now)
     answer_batches(pipe, producer)
-    pipe.on_feedback([feedback("q", label="0", partition=2, offset=9)], now_us())
-    (obs,) = producer.on(topics.OBSERVATIONS, "Observation")
-    assert (obs["key"], obs["user"], obs["label"]) == ("app|ann", "ann", "0")
+    pipe.on_feedback(
+        [feedback(f"q{i}", label="0", partition=2, offset=9 + i) for i in range(3)], now_us()
+    )
+    batches = producer.on(topics.OBSERVATIONS, "ObservationBatch")
+    where = [kw["partition"] for kw in producer.where(topics.OBSERVATIONS)]
+    assert where == [3, 2]  # one message each, in the order their first feedback came
+    assert [[o["key"] for o in b["observations"]] for b in batches] == [
+        ["app|ann", "app|cid"],
+        ["app|bob"],
+    ]
+    assert all(
+        where[n] == topics.partition_for(o["key"], 4)
+        for n, b in enumerate(batches)
+        for o in b["observations"]
+    )
+    obs = batches[0]["observations"][0]
+    assert (obs["user"], obs["label"], obs["query_id"]) == ("ann", "0", "q0")
     assert (obs["feedback_partition"], obs["feedback_offset"]) == (2, 9)
     assert {a["model"]: (a["label"], a["prob"]) for a in obs["answers"]} == {
         "m1": ("1", pytest.approx(0.5)),
         "m2": ("1", pytest.approx(0.5)),
     }
-    (where,) = producer.where(topics.OBSERVATIONS)
-    assert where["partition"] == topics.partition_for("app|ann", 4)
+    # the feedback is done when the message holding its observation is delivered
+    deliveries = [(m, cb) for m, cb in producer._callbacks if m.topic() == topics.OBSERVATIONS]
+    (to_3, done_3), (to_2, done_2) = deliveries
+    done_2(None, to_2)
+    assert committed(pipe, topics.FEEDBACK) == {}  # 9 and 11 went to partition 3
+    done_3(None, to_3)
+    assert committed(pipe, topics.FEEDBACK) == {2: 12}
+
+
+def test_observations_of_large_feedback_are_split_under_the_message_limit() -> None:
+    pipe, producer = make_pipeline(make_registry("EXP4", ("m1", "m2")), partitions=1)
+    now = now_us()
+    for i in range(4):
+        pipe.on_queries([query(f"q{i}", deadline_ms=LONG, offset=i)], now)
+    pipe.tick(now)
+    answer_batches(pipe, producer)
+    label = "x" * (MAX_OBSERVATIONS_BYTES * 2 // 3)
+    pipe.on_feedback([feedback(f"q{i}", label=label, offset=i) for i in range(4)], now_us())
+    assert producer.on(topics.DEADLETTER, "DeadLetter") == []
+    sent = [v for t, v, _, _ in producer.sent if t == topics.OBSERVATIONS]
+    assert len(sent) == 4 and all(len(v) <= MAX_OBSERVATIONS_BYTES for v in sent)
+    made = [o for v in sent for o in codec.decode("ObservationBatch", v)["observations"]]
+    assert [o["query_id"] for o in made] == [f"q{i}" for i in range(4)]
     producer.poll()
-    assert committed(pipe, topics.FEEDBACK) == {2: 10}
+    assert committed(pipe, topics.FEEDBACK) == {0: 4}
 
 
 def test_feedback_without_its_answers_is_dead_lettered_and_single_model_apps_ignore_it() -> None:

@@ -13,13 +13,24 @@ from streams import codec
 
 PREVIOUS = codec.HISTORY / "0.1.0"
 #: record kinds the previous release did not have
-NEW_SINCE_PREVIOUS = {"Observation", "ArtifactChunk"}
+NEW_SINCE_PREVIOUS = {"Observation", "ObservationBatch", "ArtifactChunk"}
 
 
 @pytest.mark.parametrize("kind", sorted(codec.SCHEMA_FILES))
 def test_schema_parses_with_avro(kind: str) -> None:
-    parsed = avro.schema.parse((codec.schema_dir() / codec.SCHEMA_FILES[kind]).read_text())
+    # with the records it names from other files inlined, as the codec reads it
+    parsed = avro.schema.parse(json.dumps(codec.schema_json(kind)))
     assert parsed.name == kind
+
+
+def test_a_record_another_file_defines_is_inlined_once() -> None:
+    batch = codec.schema_json("ObservationBatch")
+    items = batch["fields"][0]["type"]["items"]
+    assert items == codec.schema_json("Observation")
+    # the batch's fingerprint changes with the Observation it holds
+    other = json.loads(json.dumps(batch))
+    other["fields"][0]["type"]["items"]["fields"].pop()
+    assert codec.fingerprint(other) != codec.fingerprint(batch)
 
 
 @pytest.mark.parametrize("kind", sorted(codec.SCHEMA_FILES))
