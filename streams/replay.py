@@ -107,7 +107,10 @@ def observations_from_topic(
     covered: Read | None = None,
     on_total: Callable[[int], None] | None = None,
 ) -> Iterator[Observed]:
-    """``app``'s observations, from the beginning, an offset (per partition) or a time."""
+    """``app``'s observations, from the beginning, a time, or the feedback at or after an
+    offset of every feedback partition (what the app produced: each observation names the
+    feedback it joins; how many observations a message holds depends on the batches the
+    workers happened to read)."""
     starts: dict[int, int] = {}
     if from_time_ms is not None:
         consumer = Consumer(settings.kafka(**{"group.id": f"replay-{uuid.uuid4().hex}"}))
@@ -120,14 +123,14 @@ def observations_from_topic(
         consumer.close()
 
     def start(partition: int, low: int, high: int) -> int:
-        if from_time_ms is not None:
-            return starts.get(partition, high)
-        return from_offset if from_offset is not None else low
+        return starts.get(partition, high) if from_time_ms is not None else low
 
     for partition, offset, key, value in read_topic(
         settings, topics.OBSERVATIONS, start, on_progress, covered, on_total
     ):
-        yield from observations_of(app, partition, offset, key, value)
+        for observed in observations_of(app, partition, offset, key, value):
+            if from_offset is None or observed.record["feedback_offset"] >= from_offset:
+                yield observed
 
 
 def observations_of(
