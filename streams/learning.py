@@ -160,7 +160,7 @@ class Learner:
         # messages this worker made for a partition it folds, by their bytes: read back,
         # they need no decoding (with two workers half of them, 5 us an observation);
         # bounded, as one whose produce failed is never read back
-        self._made: dict[bytes, list[Flat]] = {}
+        self._made: dict[bytes, tuple[Flat, ...]] = {}
         self.made_size = made
         self.counts = {"applied": 0, "replayed": 0, "snapshot": 0, "invalid": 0}
         #: keys folded into and not yet written to the table
@@ -189,7 +189,7 @@ class Learner:
     def made(self, value: bytes, observations: list[Mapping[str, Any]]) -> None:
         """This worker produced ``observations`` as ``value`` to a partition it folds."""
         made = self._made
-        made[value] = [flatten(o) for o in observations]
+        made[value] = tuple([flatten(o) for o in observations])
         if len(made) > self.made_size:
             del made[next(iter(made))]
 
