@@ -40,6 +40,21 @@ def stream(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def snapshot(key: str, state: SelectionState, observed_offset: int) -> bytes:
+    """A replay's snapshot of ``key``, made from the messages up to ``observed_offset``."""
+    return codec.encode(
+        "SelectionSnapshot",
+        {
+            "key": key,
+            "app": "app",
+            "state": json.dumps(state.to_state()),
+            "source": "test",
+            "at_us": 0,
+            "observed_offset": observed_offset,
+        },
+    )
+
+
 def test_live_folding_in_chunks_equals_replay_bit_for_bit() -> None:
     registry = make_registry("EXP4", ("m1", "m2"))
     table = MemoryStore()
@@ -89,18 +104,7 @@ def test_a_snapshot_replaces_the_state_and_keeps_what_came_after_the_replay_read
         registry, "app", [Observed(1, i, codec.decode("Observation", v)) for _, v, _, i in log[:50]]
     )
     learner.apply(log[50:])
-    snapshot = codec.encode(
-        "SelectionSnapshot",
-        {
-            "key": "app",
-            "app": "app",
-            "state": json.dumps(replayed["app"].to_state()),
-            "source": "test",
-            "at_us": 0,
-            "observed_offset": 49,
-        },
-    )
-    learner.apply([(b"app", snapshot, 1, 60)])
+    learner.apply([(b"app", snapshot("app", replayed["app"], 49), 1, 60)])
     learner.flush()
     everything, _ = rebuild(
         registry, "app", [Observed(1, i, codec.decode("Observation", v)) for _, v, _, i in log]
@@ -121,18 +125,7 @@ def test_a_snapshot_of_one_key_is_brought_up_to_date_from_batches_of_several_key
     read = [o for k, v, p, i in log[:12] for o in observations_of("app", p, i, k, v)]
     replayed, _ = rebuild(registry, "app", read)  # the replay read messages 0-11
     learner.apply(log[15:])
-    snapshot = codec.encode(
-        "SelectionSnapshot",
-        {
-            "key": "app|u0",
-            "app": "app",
-            "state": json.dumps(replayed["app|u0"].to_state()),
-            "source": "test",
-            "at_us": 0,
-            "observed_offset": 11,
-        },
-    )
-    learner.apply([(b"app|u0", snapshot, 1, 20)])
+    learner.apply([(b"app|u0", snapshot("app|u0", replayed["app|u0"], 11), 1, 20)])
     learner.flush()
     everything, _ = rebuild(
         registry, "app", [o for k, v, p, i in log for o in observations_of("app", p, i, k, v)]
