@@ -100,6 +100,13 @@ def observations_in(kind: str, record: Mapping[str, Any], key: str | None) -> li
     return [dict(record, key=key)] if kind == "Observation" else []
 
 
+def observations_of_message(key: str | None, value: bytes | None) -> list[Any]:
+    """The observations one message of clipstream.observations holds, decoded: none for
+    a replay's snapshot or bytes that are not observations."""
+    kind = codec.kind_of(value, ("ObservationBatch", "Observation"))
+    return [] if kind is None else observations_in(kind, codec.decode(kind, value), key)
+
+
 def flatten(observation: Mapping[str, Any]) -> Flat:
     answers = observation["answers"]
     return (
@@ -331,8 +338,7 @@ class Learner:
         if since >= 0:  # -1: a state from elsewhere (a file), nothing to bring it up to
             for at, k, value in recent:
                 if since < at < offset and k in (None, key):
-                    kind = "Observation" if k is not None else "ObservationBatch"
-                    for observation in observations_in(kind, codec.decode(kind, value), k):
+                    for observation in observations_of_message(k, value):
                         if observation["key"] == key:
                             fold(state, observation)
         self.states[key] = state

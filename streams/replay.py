@@ -29,7 +29,7 @@ from selection import SelectionState, selection_key
 from streams import codec, topics
 from streams.config import Settings
 from streams.kafka_util import consume_ready
-from streams.learning import fold, observations_in
+from streams.learning import fold, observations_of_message
 from streams.merge import model_answers
 
 
@@ -138,11 +138,8 @@ def observations_of(
 ) -> Iterator[Observed]:
     """``app``'s observations in one message of clipstream.observations, in log order: a
     batch's, or the one a message of an older release holds."""
-    kind = codec.kind_of(value, ("ObservationBatch", "Observation"))
-    if kind is None:
-        return  # snapshots of earlier replays, or bytes that are not observations
     text = key.decode("utf-8", "replace") if key is not None else None
-    for record in observations_in(kind, codec.decode(kind, value), text):
+    for record in observations_of_message(text, value):
         if record["app"] == app:
             yield Observed(partition, offset, record)
 
