@@ -42,8 +42,13 @@ MARKER = ".complete"
 # (see _cds_flags) ~2-3 s; client-bound produce/consume rates did not differ between C1 and C2.
 # CLIPSTREAM_BROKER_JVM_OPTS is appended, so e.g. "-XX:TieredStopAtLevel=4" undoes C1-only.
 # Under sustained load C2 does matter: the bench starts its broker with PEAK_JIT.
+# The parallel collector, not the serial one: under load (250 q/s through the bench's
+# ensemble) the serial collector stopped the broker for 10-30 ms every two seconds, and
+# those pauses held half of the slowest 1% of queries; the parallel one's pauses were
+# 3-7 ms and held none of them. It starts as fast (docs/benchmarks.md, "The broker's
+# collector").
 JVM_OPTIONS = (
-    "-XX:+UseSerialGC",
+    "-XX:+UseParallelGC",
     "-XX:TieredStopAtLevel=1",
     "-XX:+ExitOnOutOfMemoryError",
     "-Djava.awt.headless=true",
@@ -322,6 +327,11 @@ class EmbeddedBroker:
         return self.data_dir / "broker.log"
 
     @property
+    def gc_log_path(self) -> Path:
+        """The broker JVM's collections, one line each (the bench reads its pauses)."""
+        return self.data_dir / "gc.log"
+
+    @property
     def pid(self) -> int | None:
         """The running broker's process id (also its process group's), else None."""
         return self.proc.pid if self.running() else None
@@ -395,13 +405,17 @@ class EmbeddedBroker:
             return [f"-XX:ArchiveClassesAtExit={self._cds_dump}"]
         return []
 
-    def _command(self, main: str, *args: str, dump_cds: bool = False) -> list[str]:
+    def _command(
+        self, main: str, *args: str, dump_cds: bool = False, gc_log: bool = False
+    ) -> list[str]:
         return [
             _java(),
             f"-Xmx{self.heap}",
             f"-Xms{self.heap}",
             *JVM_OPTIONS,
             *self._cds_flags(dump_cds),
+            # wall-clock stamps, so a pause can be matched to the queries it held up
+            *([f'-Xlog:gc:file="{self.gc_log_path}":timemillis,uptime'] if gc_log else []),
             *self.jvm_options,
             *shlex.split(os.environ.get("CLIPSTREAM_BROKER_JVM_OPTS", "")),
             f"-Dlog4j2.configurationFile={LOG4J}",
@@ -457,7 +471,7 @@ class EmbeddedBroker:
         self._format(config, timeout)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 -- the broker's stdout while it runs
         self.proc = subprocess.Popen(
-            self._command("kafka.Kafka", str(config), dump_cds=True),
+            self._command("kafka.Kafka", str(config), dump_cds=True, gc_log=True),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
