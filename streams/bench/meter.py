@@ -19,6 +19,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from streams import codec, topics
 from streams.bench.cpu import children_of, cpu_seconds, pid_listening_on
+from streams.bench.jvm_gc import gc_log_of, pause_figures, read_pauses
 from streams.config import Settings
 from streams.kafka_util import consume_ready
 from streams.status import Samples, delta, quantile, scrape, select
@@ -65,6 +66,8 @@ class Snapshot:
     at: float
     cpu: dict[str, float | None]
     samples: dict[str, Samples] = field(default_factory=dict)
+    #: wall-clock time (the broker's GC log is stamped with it)
+    wall: float = 0.0
 
 
 def _sum(samples: Samples, name: str, **match: str) -> float:
@@ -79,18 +82,20 @@ class PhaseMeter:
     def __init__(self, watched: list[Watched], settled: Callable[[], bool] | None = None) -> None:
         self.watched = watched
         self.settled = settled
+        brokers = [w.pid for w in watched if w.role == BROKER]
+        self.broker_gc_log = gc_log_of(brokers[0]) if brokers else None
 
     def snapshot(self) -> Snapshot:
         """CPU first, then the workers' metrics: a scrape costs a worker ~3 ms of CPU,
         which belongs to the bench, so it falls after the window's end."""
         at, cpu = self._cpu()
-        return Snapshot(at, cpu, self._scrape())
+        return Snapshot(at, cpu, self._scrape(), time.time())
 
     def start(self) -> Snapshot:
         """The metrics first, then CPU: the scrape falls before the window's start."""
         samples = self._scrape()
         at, cpu = self._cpu()
-        return Snapshot(at, cpu, samples)
+        return Snapshot(at, cpu, samples, time.time())
 
     def _cpu(self) -> tuple[float, dict[str, float | None]]:
         tree = children_of()
@@ -110,7 +115,11 @@ class PhaseMeter:
             while not self.settled() and time.monotonic() < deadline:
                 time.sleep(SETTLE_POLL_S)
         after = self.snapshot()
-        return phase_figures(self.watched, before, after, answered, feedback_sent)
+        figures = phase_figures(self.watched, before, after, answered, feedback_sent)
+        if self.broker_gc_log is not None:
+            found = read_pauses(self.broker_gc_log, before.wall, after.wall)
+            figures["broker_gc"] = pause_figures(found, after.wall - before.wall)
+        return figures
 
 
 class LearningDone:
