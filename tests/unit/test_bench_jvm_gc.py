@@ -11,7 +11,7 @@ from streams.bench.jvm_gc import gc_log_of, pause_figures, pauses, read_pauses
 from streams.bench.meter import BROKER, PhaseMeter, Watched
 from tests.conftest import wait_for
 
-#: allocates short-lived arrays forever: a young collection every few milliseconds
+#: allocates short-lived arrays forever: a young collection every tenth of a second or so
 CHURN = """
 public class Churn {
     public static void main(String[] args) throws Exception {
