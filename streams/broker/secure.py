@@ -167,8 +167,10 @@ class SecureEmbeddedBroker(EmbeddedBroker):
         )
         return props
 
-    def _command(self, main: str, *args: str, dump_cds: bool = False) -> list[str]:
+    def _command(
+        self, main: str, *args: str, dump_cds: bool = False, gc_log: bool = False
+    ) -> list[str]:
         if main == "kafka.tools.StorageTool" and args[:1] == ("format",):
             for name, password in self.users.items():
                 args = (*args, "--add-scram", f"{self.mechanism}=[name={name},password={password}]")
-        return super()._command(main, *args, dump_cds=dump_cds)
+        return super()._command(main, *args, dump_cds=dump_cds, gc_log=gc_log)
