@@ -2,9 +2,9 @@
 
 A pause stops the whole broker: every record on its way through waits it out, and a query
 crosses the broker four times. Under the bench's ensemble load the serial collector
-paused the broker 10-30 ms every two seconds, and those pauses held half of the slowest 1%
-of queries (docs/benchmarks.md, "The broker's collector"), so each metered phase says how
-long the broker was paused in it."""
+paused the broker 10-30 ms every two seconds, and those pauses held a third to a half of
+the slowest 1% of queries (docs/benchmarks.md, "The broker's collector"), so each metered
+phase says how long the broker was paused in it."""
 
 from __future__ import annotations
 

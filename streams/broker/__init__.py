@@ -44,8 +44,8 @@ MARKER = ".complete"
 # Under sustained load C2 does matter: the bench starts its broker with PEAK_JIT.
 # The parallel collector, not the serial one: under load (250 q/s through the bench's
 # ensemble) the serial collector stopped the broker for 10-30 ms every two seconds, and
-# those pauses held half of the slowest 1% of queries; the parallel one's pauses were
-# 3-7 ms and held none of them. It starts as fast (docs/benchmarks.md, "The broker's
+# those pauses held a third to a half of the slowest 1% of queries; the parallel one's
+# pauses were 3-7 ms and held 0-6 % of them. It starts as fast (docs/benchmarks.md, "The broker's
 # collector").
 JVM_OPTIONS = (
     "-XX:+UseParallelGC",

@@ -3,6 +3,7 @@ through the JVM's command line, and only those inside a phase's window."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -79,7 +80,8 @@ def test_only_pauses_that_end_inside_the_window_count() -> None:
     assert abs(figures["share"] - 0.1245 / 2.5) < 1e-9
 
 
-def test_a_jvm_without_a_gc_log_and_a_gone_process_have_none() -> None:
+def test_a_process_without_a_gc_log_and_a_gone_one_have_none() -> None:
+    assert gc_log_of(os.getpid()) is None  # running, and no -Xlog:gc option
     java = subprocess.Popen(["java", "-version"], stderr=subprocess.DEVNULL)
     java.wait()
     assert gc_log_of(java.pid) is None
