@@ -39,8 +39,18 @@ def digits_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[P
     return train_digits_models(tmp_path_factory.mktemp("models"))
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    # kept on the item so fixtures can tell, at teardown, whether the test body failed
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 @pytest.fixture
-def processes(kafka_settings: Settings, tmp_path: Path) -> Iterator[Callable[..., Child]]:
+def processes(
+    kafka_settings: Settings, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Child]]:
     """Start clipstream CLI processes against the test broker; all are stopped at the end."""
     started: list[Child] = []
 
@@ -61,8 +71,11 @@ def processes(kafka_settings: Settings, tmp_path: Path) -> Iterator[Callable[...
             child.stop()
         elif child.proc.returncode not in (0, -9, -15, None):
             failed.append(child)
+    # a test that failed shows its processes' logs: a flake in CI is read from those alone
+    call = getattr(request.node, "report_call", None)
+    test_failed = call is not None and call.failed
     for child in started:
-        if os.environ.get("CLIPSTREAM_TEST_LOGS") or failed:
+        if os.environ.get("CLIPSTREAM_TEST_LOGS") or failed or test_failed:
             print(f"--- {child.name} (exit {child.proc.returncode}) ---\n{child.log_tail(60)}")
 
 
