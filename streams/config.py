@@ -60,8 +60,11 @@ class Settings:
     session_timeout_ms: int = 2000
     #: how long the broker holds a worker's fetch of feedback, observations and selection
     #: states to gather a batch (streams.learning_feed): the weights a query is chosen by
-    #: lag feedback by up to about three of these; 0: the broker does not hold the fetch
-    learn_batch_ms: float = 250.0
+    #: lag feedback by up to about three of these; 0: the broker does not hold the fetch.
+    #: A second, not 250 ms: a third to a half less of the workers' CPU per feedback record
+    #: at a steady rate, and a higher rate at the latency objective (docs/benchmarks.md,
+    #: "The learning batch of a second, taken")
+    learn_batch_ms: float = 1000.0
     cache_size: int = 100_000
     #: query ids answered, remembered so a redelivered query is not answered twice
     dedup_memory: int = 500_000

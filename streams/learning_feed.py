@@ -9,7 +9,9 @@ less. So this consumer asks the broker to hold each fetch until it has ``MIN_BYT
 each record was otherwise a fetch, a hand-over and a wake-up of its own, three of them
 per feedback record (the feedback, its observation, the state write every worker reads),
 and cost a worker 500-1,300 us where a burst's record costs 80 (docs/benchmarks.md). In
-a batch those are shared, and each selection key's state is written once per batch.
+a batch those are shared, and each selection key's state is written once per batch. What
+must not wait for a held fetch (the changelog's end offsets, a start-up's read of the
+changelog) goes through a short-lived client of its own.
 
 The serving loop's consumer stays the group member: the range assignor gives it the same
 partition numbers of queries, feedback and observations; it keeps feedback and
