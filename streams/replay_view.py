@@ -15,6 +15,10 @@ class RateColumn(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
+        if speed is None and task.completed and task.elapsed:
+            # rich's speed needs two updates; a replay whose observations came in one
+            # message (a learning batch of a second holds a few hundred) has one
+            speed = task.completed / task.elapsed
         return Text("" if speed is None else f"{speed:,.0f} records/s")
 
 
