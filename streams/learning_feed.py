@@ -178,7 +178,7 @@ class LearningFeed:
         read = 0
         try:
             marks = self._watermarks(reader, self.partitions, timeout)
-            ends = {p: high if high > low else 0 for p, (low, high) in marks.items()}
+            ends = self._ends(marks)
             # from the low mark, not OFFSET_BEGINNING: that costs a round trip more (0.6 s
             # to the first record instead of 0.2)
             reader.assign(
@@ -225,6 +225,10 @@ class LearningFeed:
             marks = self._watermarks(probe, partitions, timeout)
         finally:
             probe.close()
+        return self._ends(marks)
+
+    @staticmethod
+    def _ends(marks: Mapping[int, tuple[int, int]]) -> dict[int, int]:
         # empty (or compacted away): nothing to read
         return {p: high if high > low else 0 for p, (low, high) in marks.items()}
 

@@ -13,6 +13,7 @@ from confluent_kafka import Producer
 
 from streams import topics
 from streams.learning_feed import LearningFeed
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -96,10 +97,12 @@ def test_the_changelog_is_followed_from_where_catch_up_ended(kafka_settings):
         with pytest.raises(RuntimeError):
             feed.catch_up()
         write_states(kafka_settings, 2000, 30)
-        deadline = time.monotonic() + 30
-        while len(view.applied) < caught + 30 and time.monotonic() < deadline:
+
+        def followed() -> bool:
             feed.drain(256)
-            time.sleep(0.05)
+            return len(view.applied) >= caught + 30
+
+        wait_for(followed, 30, "the states written after the catch-up")
         later = [v for _, v in view.applied[caught:]]
         assert sorted(later) == sorted(b"s%d" % i for i in range(2000, 2030))
         assert feed.caught_up(feed.end_offsets(feed.partitions))
