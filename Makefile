@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 broker-jars: install
-	$(PY) -c "from streams.broker import resolve_jars; print(len(resolve_jars()), 'jars')"
+	$(PY) -c "from clipstream.streams.broker import resolve_jars; print(len(resolve_jars()), 'jars')"
 
 demo: broker-jars
 	$(VENV)/bin/clipstream demo

@@ -1,2 +1,2 @@
-"""clipstream's model abstraction layer: adapters, safe model files, batching, the
-prediction cache, the registry and the replica runtime. No Faust imports here."""
+"""clipstream's model abstraction layer: adapters over scikit-learn and ONNX models, safe
+model files, the replica runtime (a consumer-group member), and the control plane."""

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from models.files import OnnxModel
-from models.validation import InputSpec, validate
+from clipstream.models.files import OnnxModel
+from clipstream.models.validation import InputSpec, validate
 
 METHODS = ("predict_proba", "decision_function", "predict")
 

@@ -2,7 +2,7 @@
 trusted.
 
 Model files are loaded only from artifacts an operator deployed, checked against their
-digest (models/artifacts.py, DESIGN.md invariant 4). An ONNX file is a graph of operators,
+digest (models/control/artifacts.py, DESIGN.md invariant 4). An ONNX file is a graph of operators,
 not code: loading it runs nothing of the file's own."""
 
 from __future__ import annotations

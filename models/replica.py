@@ -22,13 +22,14 @@ import numpy as np
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient
 
-from models import artifacts
-from models.adapters import BatchOutput, ModelAdapter, adapter_for
-from models.files import load_model
-from models.registry import ControlFollower
-from streams import codec, heap, metrics, topics
-from streams.config import Settings
-from streams.kafka_util import FETCH_WAIT_MS, consume_ready, group_session_timeout_ms
+from clipstream.models.adapters import BatchOutput, ModelAdapter, adapter_for
+from clipstream.models.control import artifacts
+from clipstream.models.control.registry import ControlFollower
+from clipstream.models.files import load_model
+from clipstream.streams.runtime import heap, metrics
+from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.config import Settings
+from clipstream.streams.wire.kafka import FETCH_WAIT_MS, consume_ready, group_session_timeout_ms
 
 log = logging.getLogger("clipstream.replica")
 
@@ -87,7 +88,7 @@ class Replica:
             return f"model {self.model} has no version {version} in the registry"
         try:
             # the file as deployed, from this host's cache or fetched and checked against
-            # its digest (models/artifacts.py)
+            # its digest (models/control/artifacts.py)
             model = load_model(
                 artifacts.fetch(self.settings, spec),
                 format=spec["format"],
@@ -112,7 +113,7 @@ class Replica:
         spec = self.follower.registry.model(self.model)
         if spec is not None:
             self.adapter(spec["version"])
-        # the model and everything imported live as long as the replica (streams.heap)
+        # the model and everything imported live as long as the replica (runtime.heap)
         log.info("%d objects loaded and exempt from garbage collection", heap.freeze_loaded())
 
     # -- serving ----------------------------------------------------------------------------

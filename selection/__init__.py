@@ -5,10 +5,10 @@ overhead cost more than the arithmetic); the ensemble combines numpy score array
 
 No Kafka or Faust imports here."""
 
-from selection.ensemble import Combined, combine, loss_for, reward_to_loss
-from selection.exp3 import Exp3
-from selection.exp4 import Exp4
-from selection.state import LEARNING, SelectionState, selection_key
+from clipstream.selection.ensemble import Combined, combine, loss_for, reward_to_loss
+from clipstream.selection.exp3 import Exp3
+from clipstream.selection.exp4 import Exp4
+from clipstream.selection.state import LEARNING, SelectionState, selection_key
 
 __all__ = [
     "LEARNING",

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from selection.logweights import normalise, resized, to_probs
+from clipstream.selection.logweights import normalise, resized, to_probs
 
 
 class Exp3:

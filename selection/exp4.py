@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from selection.logweights import normalise, resized, to_probs
+from clipstream.selection.logweights import normalise, resized, to_probs
 
 
 class Exp4:

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from selection.ensemble import loss_for, reward_to_loss
-from selection.exp3 import Exp3
-from selection.exp4 import Exp4
+from clipstream.selection.ensemble import loss_for, reward_to_loss
+from clipstream.selection.exp3 import Exp3
+from clipstream.selection.exp4 import Exp4
 
 POLICIES = ("SINGLE", "EXP3", "EXP4")
 #: policies whose state learns from feedback

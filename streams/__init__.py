@@ -1,4 +1,3 @@
-"""clipstream's stream layer: Faust worker, client SDK, CLI and the dev broker.
-
-Kept import-free so that ``models`` can use the wire codec without pulling in Faust.
-"""
+"""clipstream's Kafka side, a folder per role: ``wire`` (what the thin SDK may import),
+``sdk``, ``worker``, ``learning``, ``gateway``, ``ops`` (CLI, status, demo), ``runtime``,
+``broker`` (the embedded dev broker) and ``bench``."""

@@ -19,11 +19,11 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from streams import codec, topics
-from streams.config import Settings
-from streams.kafka_util import FETCH_WAIT_MS, consume_ready, watermarks
-from streams.limits import deadline_problem
-from streams.sensors import Sensor
+from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.config import Settings
+from clipstream.streams.wire.kafka import FETCH_WAIT_MS, consume_ready, watermarks
+from clipstream.streams.wire.limits import deadline_problem
+from clipstream.streams.wire.sensors import Sensor
 
 log = logging.getLogger("clipstream.sdk")
 
@@ -78,7 +78,7 @@ class Client:
         text: str | None = None,
     ) -> str:
         """Produce one query; returns its id. Raises ValueError for a ``deadline_ms`` the
-        worker would reject (outside (0, ``streams.limits.MAX_DEADLINE_MS``])."""
+        worker would reject (outside (0, ``clipstream.streams.wire.limits.MAX_DEADLINE_MS``])."""
         problem = deadline_problem(deadline_ms)
         if problem is not None:
             raise ValueError(problem)

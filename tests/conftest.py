@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from streams.config import Settings
-from streams.processes import Child, clipstream_command, spawn
+from clipstream.streams.runtime.processes import Child, clipstream_command, spawn
+from clipstream.streams.wire.config import Settings
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,8 @@ def kafka_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting
     """Settings pointing at a fresh embedded broker on a free port (one per test module)."""
     from confluent_kafka.admin import AdminClient
 
-    from streams import topics
-    from streams.broker import EmbeddedBroker
+    from clipstream.streams.broker import EmbeddedBroker
+    from clipstream.streams.wire import topics
 
     broker = EmbeddedBroker(data_dir=tmp_path_factory.mktemp("kafka"))
     broker.start()
@@ -34,7 +34,7 @@ def kafka_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting
 
 @pytest.fixture(scope="session")
 def digits_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, float]]:
-    from models.training import train_digits_models
+    from clipstream.models.training import train_digits_models
 
     return train_digits_models(tmp_path_factory.mktemp("models"))
 

@@ -9,6 +9,6 @@ and ``suites`` (the batching-gain and selection suites).
 
 from __future__ import annotations
 
-from streams.bench.run import run_bench
+from clipstream.streams.bench.run import run_bench
 
 __all__ = ["run_bench"]

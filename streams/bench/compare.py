@@ -3,7 +3,7 @@
 Per system: a run at light load (its p50 is the latency figure), a burst that measures
 capacity (queries answered per second while the system is saturated), and with
 ``sweep`` the highest offered rate whose p99 stays under the latency objective. Every
-phase is metered (``streams.bench.meter``): CPU per query of each process the system
+phase is metered (``clipstream.streams.bench.meter``): CPU per query of each process the system
 runs, of the broker and of the load generator, and each clipstream worker's share.
 """
 
@@ -20,15 +20,20 @@ from typing import Any
 
 import numpy as np
 
-from models.files import load_model
-from models.training import digits_split, train_digits_models, train_wide_model, wide_dataset
-from streams.bench import systems
-from streams.bench.loadgen import LoadResult, Protocol, run_load, wait_ready
-from streams.bench.meter import PhaseMeter
-from streams.bench.peer import PeerUnavailable
-from streams.bench.warmup import WarmUp, broker_jit, warm_up
-from streams.config import Settings
-from streams.processes import Child
+from clipstream.models.files import load_model
+from clipstream.models.training import (
+    digits_split,
+    train_digits_models,
+    train_wide_model,
+    wide_dataset,
+)
+from clipstream.streams.bench import systems
+from clipstream.streams.bench.loadgen import LoadResult, Protocol, run_load, wait_ready
+from clipstream.streams.bench.meter import PhaseMeter
+from clipstream.streams.bench.peer import PeerUnavailable
+from clipstream.streams.bench.warmup import WarmUp, broker_jit, warm_up
+from clipstream.streams.runtime.processes import Child
+from clipstream.streams.wire.config import Settings
 
 MODELS = ("digits-logreg", "digits-forest", "digits-knn", "digits-svc", "wide784-logreg")
 
@@ -218,7 +223,7 @@ def measure(
 def warm_broker(ctx: systems.Context, X: np.ndarray, plan: Plan, progress: Progress) -> WarmUp:
     """A broker that just started (JIT, page cache, group coordinator) is slow for its
     first seconds; that cost belongs to no system, so it is paid unmeasured
-    (streams.bench.warmup), through the floor's relay: it has no model, so no system under
+    (bench.warmup), through the floor's relay: it has no model, so no system under
     test inherits a backlog (a one-row forest in the naive loop serves ~250 q/s, far below
     the warm-up's rate)."""
     protocol, children = systems.start("floor", ctx)

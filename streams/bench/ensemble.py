@@ -12,7 +12,7 @@ it cost per process.
   Then feedback as a throughput of its own, at ``plan.light_rate``: phases of queries
   only (A) and of the same queries plus one feedback record each (B), alternating in ABBA
   order, give the workers' extra CPU per feedback record with its standard error
-  (streams.bench.paired); a burst of feedback for the first A's queries gives records
+  (clipstream.streams.bench.paired); a burst of feedback for the first A's queries gives records
   applied per second and the workers' CPU per record.
 - ``objective``: Clipper's set-up, a 20 ms deadline on the app (``plan.deadline_ms``),
   the sweep alone.
@@ -33,13 +33,12 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from rich.table import Table
 
-from models import registry
-from models.files import load_model, save_onnx
-from models.training import digits_split, train_digits_models
-from streams import topics
-from streams.bench.compare import Plan, Progress, sweep
-from streams.bench.loadgen import LoadResult, produce, run_load, wait_ready
-from streams.bench.meter import (
+from clipstream.models.control import registry
+from clipstream.models.files import load_model, save_onnx
+from clipstream.models.training import digits_split, train_digits_models
+from clipstream.streams.bench.compare import Plan, Progress, sweep
+from clipstream.streams.bench.loadgen import LoadResult, produce, run_load, wait_ready
+from clipstream.streams.bench.meter import (
     SYSTEM,
     DeadLetters,
     LearningDone,
@@ -47,10 +46,11 @@ from streams.bench.meter import (
     Watched,
     shared_processes,
 )
-from streams.bench.paired import Phase, estimate, order
-from streams.bench.systems import avro_protocol, spawn_clipstream, wait_for_workers
-from streams.bench.warmup import broker_jit, warm_up, warm_up_parts
-from streams.config import Settings
+from clipstream.streams.bench.paired import Phase, estimate, order
+from clipstream.streams.bench.systems import avro_protocol, spawn_clipstream, wait_for_workers
+from clipstream.streams.bench.warmup import broker_jit, warm_up, warm_up_parts
+from clipstream.streams.wire import topics
+from clipstream.streams.wire.config import Settings
 
 MODELS = ("digits-logreg", "digits-forest", "digits-svc")
 #: deployed under names of the bench's own, so a cluster's own deployments stay untouched
@@ -169,7 +169,7 @@ def run_ensemble(
 
 
 #: A/B pairs of feedback phases, in ABBA order and adjusted for the machine's speed
-#: (streams.bench.paired): one pair's difference swung from -12 to 350 us over twelve runs
+#: (bench.paired): one pair's difference swung from -12 to 350 us over twelve runs
 FEEDBACK_PAIRS = 4
 
 

@@ -6,7 +6,7 @@ then answers it with a Prediction naming no model, with no model and no batching
 what is left is the physical cost of the path (brokers, clients, Avro), the limit no
 system on this path can beat.
 
-Run as ``python -m streams.bench.floor --prefix bench.floor``.
+Run as ``python -m clipstream.streams.bench.floor --prefix bench.floor``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer
 
-from streams import codec
-from streams.config import Settings
-from streams.kafka_util import FETCH_WAIT_MS, consume_ready
+from clipstream.streams.wire import codec
+from clipstream.streams.wire.config import Settings
+from clipstream.streams.wire.kafka import FETCH_WAIT_MS, consume_ready
 
 
 def topics_for(prefix: str) -> dict[str, str]:

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
-from streams.bench.meter import PhaseMeter
-from streams.config import Settings
-from streams.kafka_util import FETCH_WAIT_MS, consume_ready
+from clipstream.streams.bench.meter import PhaseMeter
+from clipstream.streams.wire.config import Settings
+from clipstream.streams.wire.kafka import FETCH_WAIT_MS, consume_ready
 
 #: latency histogram bucket edges in ms: log-spaced from 0.1 ms to 100 s
 HIST_EDGES_MS = np.round(np.logspace(-1, 5, 121), 4)
@@ -90,7 +90,7 @@ class LoadResult:
     feedback_sent: int = 0
     stages_p50_us: dict[str, float] = field(default_factory=dict)
     histogram: dict[str, list[float]] = field(default_factory=dict)
-    #: what the phase cost per process (streams.bench.meter), when it was metered
+    #: what the phase cost per process (clipstream.streams.bench.meter), when it was metered
     cost: dict[str, Any] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list, repr=False)
     #: query id -> input row of every answer by a model (to send feedback for them later)

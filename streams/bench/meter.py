@@ -17,12 +17,12 @@ from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
-from streams import codec, topics
-from streams.bench.cpu import children_of, cpu_seconds, pid_listening_on
-from streams.bench.jvm_gc import gc_log_of, pause_figures, read_pauses
-from streams.config import Settings
-from streams.kafka_util import consume_ready
-from streams.status import Samples, delta, quantile, scrape, select
+from clipstream.streams.bench.cpu import children_of, cpu_seconds, pid_listening_on
+from clipstream.streams.bench.jvm_gc import gc_log_of, pause_figures, read_pauses
+from clipstream.streams.ops.status import Samples, delta, quantile, scrape, select
+from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.config import Settings
+from clipstream.streams.wire.kafka import consume_ready
 
 #: roles of the watched processes: the system's own, and what every system shares
 SYSTEM, BROKER, LOADGEN = "system", "broker", "loadgen"

@@ -4,7 +4,7 @@ Consume one query, predict one row, produce one prediction, repeat. No batching,
 cache, no deadlines; the same model file and the same Avro records as clipstream, so the
 bench's client code is the same for both.
 
-Run as ``python -m streams.bench.naive --model FILE.skops --prefix bench.naive``.
+Run as ``python -m clipstream.streams.bench.naive --model FILE.skops --prefix bench.naive``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import argparse
 
 import numpy as np
 
-from models.files import load_model
-from streams import codec
-from streams.bench.floor import loop_clients, prediction_for, stop_on_signal
-from streams.config import Settings
+from clipstream.models.files import load_model
+from clipstream.streams.bench.floor import loop_clients, prediction_for, stop_on_signal
+from clipstream.streams.wire import codec
+from clipstream.streams.wire.config import Settings
 
 
 def run(settings: Settings, model_path: str, prefix: str, stop: list[bool]) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Message
 
-from streams.bench.loadgen import Protocol, Reply
+from clipstream.streams.bench.loadgen import Protocol, Reply
 
 PEER_NAME = "mlserver"
 PINS = ["mlserver==1.7.1", "mlserver-sklearn==1.7.1", "scikit-learn==1.9.1", "numpy==2.4.6"]

@@ -9,9 +9,9 @@ from typing import Any
 
 from rich.table import Table
 
-from streams.bench.compare import capacity_of, held
-from streams.bench.loadgen import LoadResult
-from streams.bench.warmup import warm_up_parts
+from clipstream.streams.bench.compare import capacity_of, held
+from clipstream.streams.bench.loadgen import LoadResult
+from clipstream.streams.bench.warmup import warm_up_parts
 
 
 def to_jsonable(value: Any) -> Any:

@@ -14,10 +14,10 @@ from rich.console import Console
 from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as ProgressBar
 
-from streams.bench import ensemble, report
-from streams.bench.compare import Plan, Progress, run_compare
-from streams.config import Settings
-from streams.demo import kafka
+from clipstream.streams.bench import ensemble, report
+from clipstream.streams.bench.compare import Plan, Progress, run_compare
+from clipstream.streams.ops.demo import kafka
+from clipstream.streams.wire.config import Settings
 
 console = Console(stderr=True)
 # the result tables go to stdout; written to a file or a pipe they keep their columns
@@ -36,7 +36,7 @@ def run_bench(
     workdir: Path | None = None,
 ) -> int:
     if suite in ("batching", "selection"):
-        from streams.bench.suites import run_suite
+        from clipstream.streams.bench.suites import run_suite
 
         return run_suite(suite, models or ["digits-logreg", "digits-forest"], rows, queries, out)
     if suite in ensemble.SUITES:
@@ -61,7 +61,7 @@ def run_bench(
         console.print(f"clipstream-cache: measured cache hit rate {rate:.1%} during the burst")
     console.print(f"all figures and latency histograms: {out}")
     if plot_path is not None:
-        from streams.bench.plot import plot
+        from clipstream.streams.bench.plot import plot
 
         console.print(f"plot: {plot(figures, plot_path)}")
     print(report.summary_line(figures), flush=True)

@@ -23,15 +23,15 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from rich.console import Console
 from rich.table import Table
 
-from models import registry
-from models.files import load_model, save_onnx
-from models.training import digits_split, train_digits_models
-from streams import codec, topics
-from streams.config import Settings
-from streams.demo import kafka
-from streams.kafka_util import consume_ready
-from streams.processes import Child, clipstream_command, spawn
-from streams.sdk import Client, PredictionReader
+from clipstream.models.control import registry
+from clipstream.models.files import load_model, save_onnx
+from clipstream.models.training import digits_split, train_digits_models
+from clipstream.streams.ops.demo import kafka
+from clipstream.streams.runtime.processes import Child, clipstream_command, spawn
+from clipstream.streams.sdk import Client, PredictionReader
+from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.config import Settings
+from clipstream.streams.wire.kafka import consume_ready
 
 console = Console(stderr=True)
 
@@ -179,10 +179,10 @@ def selection_suite(workdir: Path, models: list[str], passes: int = 5) -> dict[s
     """Exp4's accuracy against each single model, and the feedback Exp3 needs to settle,
     on the digits test stream (the selection code the worker runs, without Kafka: the
     answers are the models' own, so the figures are the live system's)."""
-    from selection import SelectionState, combine
+    from clipstream.selection import SelectionState, combine
 
     trained = train_digits_models(workdir / "models", names=models)
-    from models.files import load_model
+    from clipstream.models.files import load_model
 
     _, X, _, y = digits_split()
     truth = [str(v) for v in y]

@@ -17,15 +17,15 @@ import numpy as np
 from confluent_kafka import ConsumerGroupState, Message
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from models import registry
-from streams import codec, topics
-from streams.bench import peer
-from streams.bench.loadgen import Protocol, Reply
-from streams.bench.meter import SYSTEM, Watched, shared_processes
-from streams.broker import free_port
-from streams.config import Settings
-from streams.processes import Child, clipstream_command, spawn
-from streams.sdk import now_us
+from clipstream.models.control import registry
+from clipstream.streams.bench import peer
+from clipstream.streams.bench.loadgen import Protocol, Reply
+from clipstream.streams.bench.meter import SYSTEM, Watched, shared_processes
+from clipstream.streams.broker import free_port
+from clipstream.streams.runtime.processes import Child, clipstream_command, spawn
+from clipstream.streams.sdk import now_us
+from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.config import Settings
 
 SYSTEMS = ("floor", "naive", "clipstream", "clipstream-cache", "peer")
 DESCRIPTIONS = {
@@ -170,13 +170,14 @@ def start(system: str, ctx: Context) -> tuple[Protocol, list[Child]]:
     if system == "floor":
         prefix = ctx.prefix(system)
         _topics(ctx, [f"{prefix}.{t}" for t in ("queries", "hop1", "hop2", "predictions")])
-        child = spawn(system, _module("streams.bench.floor", "--prefix", prefix), ctx.logs, ctx.env)
+        floor = _module("clipstream.streams.bench.floor", "--prefix", prefix)
+        child = spawn(system, floor, ctx.logs, ctx.env)
         return avro_protocol(f"{prefix}.queries", f"{prefix}.predictions", "bench"), [child]
     if system == "naive":
         prefix = ctx.prefix(system)
         _topics(ctx, [f"{prefix}.queries", f"{prefix}.predictions"])
         args = ("--model", str(ctx.model_path), "--prefix", prefix)
-        child = spawn(system, _module("streams.bench.naive", *args), ctx.logs, ctx.env)
+        child = spawn(system, _module("clipstream.streams.bench.naive", *args), ctx.logs, ctx.env)
         return avro_protocol(f"{prefix}.queries", f"{prefix}.predictions", "bench"), [child]
     if system in ("clipstream", "clipstream-cache"):
         cached = system == "clipstream-cache"

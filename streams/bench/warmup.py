@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from streams.bench.cpu import jit_seconds
-from streams.bench.meter import broker_pid
-from streams.config import Settings
+from clipstream.streams.bench.cpu import jit_seconds
+from clipstream.streams.bench.meter import broker_pid
+from clipstream.streams.wire.config import Settings
 
 #: the JIT is done with what the load runs hot once its threads use less than this
 #: (after its storm the compiler trickled at 0.02-0.07 cores; just before it, 0.1)

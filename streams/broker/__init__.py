@@ -364,7 +364,7 @@ class EmbeddedBroker:
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
-            # the serving group detects a crashed worker in 2 s (streams.serving); Kafka's
+            # the serving group detects a crashed worker in 2 s (worker.serving); Kafka's
             # default minimum session timeout is 6 s
             "group.min.session.timeout.ms": "1000",
             # Kafka requires strictly more than 1 MiB per cleaner thread; 128 MiB by default
@@ -381,7 +381,8 @@ class EmbeddedBroker:
     def _write_properties(self) -> Path:
         config = self.data_dir / "server.properties"
         lines = [f"{key}={_props_escape(str(value))}\n" for key, value in self.properties().items()]
-        config.write_text("# written by streams.broker.EmbeddedBroker\n" + "".join(lines))
+        header = "# written by clipstream.streams.broker.EmbeddedBroker\n"
+        config.write_text(header + "".join(lines))
         return config
 
     # -- JVM ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from streams.broker import HOST, EmbeddedBroker, free_port
+from clipstream.streams.broker import HOST, EmbeddedBroker, free_port
 
 SCRAM_MECHANISM = "SCRAM-SHA-512"
 

@@ -11,11 +11,11 @@ from typing import Any
 from confluent_kafka import Consumer, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from streams import codec, topics
-from streams.config import Settings
-from streams.kafka_util import consume_ready
-from streams.processes import clipstream_command
-from streams.sdk import Client, PredictionReader
+from clipstream.streams.runtime.processes import clipstream_command
+from clipstream.streams.sdk import Client, PredictionReader
+from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.config import Settings
+from clipstream.streams.wire.kafka import consume_ready
 from tests.conftest import wait_for
 
 

@@ -1,4 +1,4 @@
-"""What de-duplication (streams/dedup.py) costs: end-to-end latency with it on and off, in
+"""What de-duplication (streams/worker/dedup.py) costs: end-to-end latency with it on and off, in
 alternating phases of one run against one broker, and the restore time at assignment.
 
     .venv/bin/python -m tests.integration.measure_dedup [--rate 100] [--seconds 15]
@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 from confluent_kafka.admin import AdminClient
 
-from models import registry
-from models.training import digits_split, train_digits_models
-from streams import topics
-from streams.broker import EmbeddedBroker
-from streams.config import Settings
-from streams.processes import Child, clipstream_command, spawn
-from streams.sdk import Client, PredictionReader
+from clipstream.models.control import registry
+from clipstream.models.training import digits_split, train_digits_models
+from clipstream.streams.broker import EmbeddedBroker
+from clipstream.streams.runtime.processes import Child, clipstream_command, spawn
+from clipstream.streams.sdk import Client, PredictionReader
+from clipstream.streams.wire import topics
+from clipstream.streams.wire.config import Settings
 
 MODEL = "digits-logreg"
 RESTORED = re.compile(

@@ -22,10 +22,10 @@ from pathlib import Path
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
-from streams import codec, topics
-from streams.broker import EmbeddedBroker
-from streams.config import Settings
-from streams.sdk import PredictionReader, now_us
+from clipstream.streams.broker import EmbeddedBroker
+from clipstream.streams.sdk import PredictionReader, now_us
+from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.config import Settings
 
 
 def prediction(qid: str) -> bytes:

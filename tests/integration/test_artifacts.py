@@ -20,15 +20,15 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from models import artifacts, registry
-from models.artifacts import ArtifactError
-from models.files import load_model
-from models.replica import Replica
-from models.training import digits_split
-from streams import codec
-from streams.config import Settings
-from streams.processes import Child, clipstream_command, spawn
-from streams.sdk import Client, PredictionReader
+from clipstream.models.control import artifacts, registry
+from clipstream.models.control.artifacts import ArtifactError
+from clipstream.models.files import load_model
+from clipstream.models.replica import Replica
+from clipstream.models.training import digits_split
+from clipstream.streams.runtime.processes import Child, clipstream_command, spawn
+from clipstream.streams.sdk import Client, PredictionReader
+from clipstream.streams.wire import codec
+from clipstream.streams.wire.config import Settings
 from tests.integration.helpers import collect, wait_until_serving
 
 pytestmark = pytest.mark.integration
@@ -79,7 +79,7 @@ def test_a_replica_on_another_host_serves_a_deployed_and_removed_file(
     forest = load_model(deployer / "forest.skops")
 
     # the commands as an operator types them, with paths relative to where they stand
-    convert = "from models.files import load_model as l, save_onnx as s; "
+    convert = "from clipstream.models.files import load_model as l, save_onnx as s; "
     convert += "s(l('forest.skops'), 'forest.onnx', 64)"
     subprocess.run([sys.executable, "-c", convert], cwd=deployer, check=True, timeout=120)
     files = {n: (deployer / n).read_bytes() for n in ("logreg.skops", "forest.onnx")}

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from models import registry
-from models.files import save_model
-from models.training import digits_split
-from streams import codec, topics
-from streams.broker import free_port
-from streams.sdk import Client, PredictionReader
+from clipstream.models.control import registry
+from clipstream.models.files import save_model
+from clipstream.models.training import digits_split
+from clipstream.streams.broker import free_port
+from clipstream.streams.sdk import Client, PredictionReader
+from clipstream.streams.wire import codec, topics
 from tests.conftest import wait_for
 from tests.integration import misbehaving_models as bad
 from tests.integration.helpers import collect, read_all, wait_until_serving

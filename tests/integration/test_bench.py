@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streams.bench import peer
-from streams.bench.ensemble import BURST_COPIES, FEEDBACK_PAIRS
-from streams.bench.paired import order
-from streams.bench.report import parse_summary
-from streams.config import Settings
-from streams.processes import clipstream_command
+from clipstream.streams.bench import peer
+from clipstream.streams.bench.ensemble import BURST_COPIES, FEEDBACK_PAIRS
+from clipstream.streams.bench.paired import order
+from clipstream.streams.bench.report import parse_summary
+from clipstream.streams.runtime.processes import clipstream_command
+from clipstream.streams.wire.config import Settings
 
 pytestmark = pytest.mark.integration
 

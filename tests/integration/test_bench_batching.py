@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from streams.bench.report import parse_summary
-from streams.config import Settings
-from streams.processes import clipstream_command
+from clipstream.streams.bench.report import parse_summary
+from clipstream.streams.runtime.processes import clipstream_command
+from clipstream.streams.wire.config import Settings
 
 pytestmark = pytest.mark.integration
 

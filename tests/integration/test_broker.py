@@ -19,7 +19,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streams.broker import (
+from clipstream.streams.broker import (
     BrokerError,
     EmbeddedBroker,
     resolve_jars,
@@ -186,7 +186,7 @@ def test_broker_dies_with_its_python_process(how: str, tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import os, signal, sys
-        from streams.broker import EmbeddedBroker
+        from clipstream.streams.broker import EmbeddedBroker
         b = EmbeddedBroker(data_dir={str(tmp_path / "kafka")!r})
         b.start()
         print(b.pid, flush=True)

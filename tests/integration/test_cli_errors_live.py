@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from models import registry
-from streams.config import Settings
+from clipstream.models.control import registry
+from clipstream.streams.wire.config import Settings
 from tests.integration.helpers import run_cli
 
 pytestmark = pytest.mark.integration

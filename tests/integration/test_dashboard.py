@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from models import registry
-from models.training import digits_split
-from streams import topics
-from streams.config import Settings
-from streams.gateway import free_port
-from streams.sdk import Client, PredictionReader
-from streams.status import scrape
+from clipstream.models.control import registry
+from clipstream.models.training import digits_split
+from clipstream.streams.gateway.server import free_port
+from clipstream.streams.ops.status import scrape
+from clipstream.streams.sdk import Client, PredictionReader
+from clipstream.streams.wire import topics
+from clipstream.streams.wire.config import Settings
 from tests.conftest import wait_for
 from tests.integration.helpers import collect, wait_until_serving
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.processes import clipstream_command
+from clipstream.streams.runtime.processes import clipstream_command
 
 pytestmark = pytest.mark.integration
 

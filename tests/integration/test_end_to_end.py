@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import Producer
 
-from models import registry
-from models.training import digits_split
-from streams import codec, topics
-from streams.sdk import Client, PredictionReader
+from clipstream.models.control import registry
+from clipstream.models.training import digits_split
+from clipstream.streams.sdk import Client, PredictionReader
+from clipstream.streams.wire import codec, topics
 from tests.integration.helpers import collect, read_all, wait_until_serving
 
 pytestmark = pytest.mark.integration

@@ -23,15 +23,15 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from models import registry
-from models.training import digits_split
-from selection import SelectionState
-from streams import codec, topics
-from streams.broker import EmbeddedBroker
-from streams.config import Settings
-from streams.kafka_util import consume_ready
-from streams.replay import replay
-from streams.sdk import Client, PredictionReader
+from clipstream.models.control import registry
+from clipstream.models.training import digits_split
+from clipstream.selection import SelectionState
+from clipstream.streams.broker import EmbeddedBroker
+from clipstream.streams.learning.replay import replay
+from clipstream.streams.sdk import Client, PredictionReader
+from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.config import Settings
+from clipstream.streams.wire.kafka import consume_ready
 from tests.conftest import wait_for
 from tests.integration.helpers import (
     group_caught_up,

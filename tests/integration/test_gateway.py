@@ -21,14 +21,14 @@ import pytest
 from confluent_kafka import ConsumerGroupState, Producer
 from confluent_kafka.admin import AdminClient
 
-from models import registry
-from models.training import digits_split
-from streams import codec, topics
-from streams.config import Settings
-from streams.gateway import Gateway, PredictionWaiter
-from streams.limits import MAX_DEADLINE_MS
-from streams.processes import clipstream_command, spawn
-from streams.sdk import Client, PredictionReader, Predictor, now_us
+from clipstream.models.control import registry
+from clipstream.models.training import digits_split
+from clipstream.streams.gateway.server import Gateway, PredictionWaiter
+from clipstream.streams.runtime.processes import clipstream_command, spawn
+from clipstream.streams.sdk import Client, PredictionReader, Predictor, now_us
+from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.config import Settings
+from clipstream.streams.wire.limits import MAX_DEADLINE_MS
 from tests.conftest import wait_for
 from tests.integration.helpers import collect, read_all, wait_until_serving
 
@@ -41,7 +41,7 @@ ORPHAN = "digits-forest"
 
 
 def free_port() -> int:
-    from streams.gateway import free_port as pick
+    from clipstream.streams.gateway.server import free_port as pick
 
     return pick(0)
 

@@ -11,8 +11,8 @@ import time
 import pytest
 from confluent_kafka import Producer
 
-from streams import topics
-from streams.learning_feed import LearningFeed
+from clipstream.streams.learning.feed import LearningFeed
+from clipstream.streams.wire import topics
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration

@@ -9,14 +9,14 @@ import time
 
 import pytest
 
-from models import registry
-from models.training import digits_split
-from selection import SelectionState
-from streams import topics
-from streams.gateway import free_port
-from streams.replay import replay
-from streams.sdk import Client, PredictionReader
-from streams.status import scrape
+from clipstream.models.control import registry
+from clipstream.models.training import digits_split
+from clipstream.selection import SelectionState
+from clipstream.streams.gateway.server import free_port
+from clipstream.streams.learning.replay import replay
+from clipstream.streams.ops.status import scrape
+from clipstream.streams.sdk import Client, PredictionReader
+from clipstream.streams.wire import topics
 from tests.conftest import wait_for
 from tests.integration.helpers import (
     collect,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from streams.config import Settings
-from streams.gateway import free_port
+from clipstream.streams.gateway.server import free_port
+from clipstream.streams.wire.config import Settings
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration

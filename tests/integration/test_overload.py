@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models import registry
-from models.files import save_model
-from models.training import digits_split
-from streams import codec
-from streams.broker import free_port
-from streams.processes import Child, clipstream_command, spawn
-from streams.sdk import Client, PredictionReader
+from clipstream.models.control import registry
+from clipstream.models.files import save_model
+from clipstream.models.training import digits_split
+from clipstream.streams.broker import free_port
+from clipstream.streams.runtime.processes import Child, clipstream_command, spawn
+from clipstream.streams.sdk import Client, PredictionReader
+from clipstream.streams.wire import codec
 from tests.conftest import wait_for
 from tests.integration import misbehaving_models as bad
 from tests.integration.helpers import wait_until_serving

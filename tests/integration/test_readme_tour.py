@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.gateway import free_port
+from clipstream.streams.gateway.server import free_port
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration
@@ -94,7 +94,8 @@ def test_the_readme_tour_runs_as_written(tmp_path: Path) -> None:
             pass
         else:
             wait_for(lambda: not _group_alive(run.pid), 30, "the tour's processes")
-        subprocess.run([sys.executable, "-m", "streams.cli", "broker", "stop"], env=env, timeout=60)
+        stop = [sys.executable, "-m", "clipstream.streams.ops.cli", "broker", "stop"]
+        subprocess.run(stop, env=env, timeout=60)
 
 
 def _group_alive(pgid: int) -> bool:

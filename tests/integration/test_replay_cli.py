@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from models import registry
-from models.training import digits_split
-from streams import codec, topics
-from streams.config import Settings
-from streams.gateway import free_port
-from streams.processes import Child
-from streams.replay import live_states, replay
-from streams.sdk import Predictor
+from clipstream.models.control import registry
+from clipstream.models.training import digits_split
+from clipstream.streams.gateway.server import free_port
+from clipstream.streams.learning.replay import live_states, replay
+from clipstream.streams.runtime.processes import Child
+from clipstream.streams.sdk import Predictor
+from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.config import Settings
 from tests.conftest import wait_for
 from tests.integration.helpers import read_to_end, run_cli
 

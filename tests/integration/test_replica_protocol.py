@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from models import registry
-from models.files import load_model, save_model, save_onnx
-from models.training import digits_split
-from streams import topics
-from streams.processes import spawn
-from streams.sdk import Client, PredictionReader
+from clipstream.models.control import registry
+from clipstream.models.files import load_model, save_model, save_onnx
+from clipstream.models.training import digits_split
+from clipstream.streams.runtime.processes import spawn
+from clipstream.streams.sdk import Client, PredictionReader
+from clipstream.streams.wire import topics
 from tests.conftest import wait_for
 from tests.integration.helpers import collect, read_all, wait_until_serving
 

@@ -23,15 +23,19 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from models import registry
-from models.training import digits_split
-from streams import topics
-from streams.broker.secure import SCRAM_MECHANISM, SecureEmbeddedBroker, make_certificates
-from streams.config import Settings
-from streams.gateway import free_port
-from streams.processes import clipstream_command
-from streams.replay import replay
-from streams.sdk import Client, PredictionReader, Predictor
+from clipstream.models.control import registry
+from clipstream.models.training import digits_split
+from clipstream.streams.broker.secure import (
+    SCRAM_MECHANISM,
+    SecureEmbeddedBroker,
+    make_certificates,
+)
+from clipstream.streams.gateway.server import free_port
+from clipstream.streams.learning.replay import replay
+from clipstream.streams.runtime.processes import clipstream_command
+from clipstream.streams.sdk import Client, PredictionReader, Predictor
+from clipstream.streams.wire import topics
+from clipstream.streams.wire.config import Settings
 from tests.conftest import wait_for
 from tests.integration.helpers import collect, learnt_everything, wait_until_serving
 

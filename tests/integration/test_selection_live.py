@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from models import registry
-from models.training import digits_split
-from streams.replay import replay
-from streams.sdk import Client, PredictionReader
+from clipstream.models.control import registry
+from clipstream.models.training import digits_split
+from clipstream.streams.learning.replay import replay
+from clipstream.streams.sdk import Client, PredictionReader
 from tests.conftest import wait_for
 from tests.integration.helpers import collect, learnt_everything, wait_until_serving
 

@@ -8,10 +8,10 @@ import urllib.request
 
 import pytest
 
-from models import registry
-from models.training import digits_split
-from streams.broker import free_port
-from streams.sdk import Client, PredictionReader
+from clipstream.models.control import registry
+from clipstream.models.training import digits_split
+from clipstream.streams.broker import free_port
+from clipstream.streams.sdk import Client, PredictionReader
 from tests.conftest import wait_for
 from tests.integration.helpers import collect, wait_until_serving
 

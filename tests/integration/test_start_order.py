@@ -15,11 +15,11 @@ import pytest
 from confluent_kafka import Producer
 from sklearn.datasets import load_digits
 
-from streams import codec, topics
-from streams.broker import EmbeddedBroker
-from streams.config import Settings
-from streams.gateway import free_port
-from streams.processes import Child
+from clipstream.streams.broker import EmbeddedBroker
+from clipstream.streams.gateway.server import free_port
+from clipstream.streams.runtime.processes import Child
+from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.config import Settings
 from tests.conftest import wait_for
 from tests.integration.helpers import run_cli
 

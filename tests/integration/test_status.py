@@ -10,12 +10,12 @@ import subprocess
 
 import pytest
 
-from models import registry
-from models.training import digits_split
-from streams.config import Settings
-from streams.gateway import free_port
-from streams.processes import clipstream_command
-from streams.sdk import Client, PredictionReader
+from clipstream.models.control import registry
+from clipstream.models.training import digits_split
+from clipstream.streams.gateway.server import free_port
+from clipstream.streams.runtime.processes import clipstream_command
+from clipstream.streams.sdk import Client, PredictionReader
+from clipstream.streams.wire.config import Settings
 from tests.conftest import wait_for
 from tests.integration.helpers import collect, wait_until_serving
 

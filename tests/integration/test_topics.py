@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streams import topics
+from clipstream.streams.wire import topics
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ def test_a_model_requests_topic_may_grow(kafka_settings):
 
 
 def test_queries_are_stamped_by_the_broker(kafka_settings):
-    """A deadline need not trust the client's clock (streams.pipeline)."""
+    """A deadline need not trust the client's clock (clipstream.streams.worker.pipeline)."""
     from confluent_kafka.admin import ConfigResource
 
     admin = AdminClient(kafka_settings.kafka())

@@ -11,13 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from models.registry import Registry
-from selection import SelectionState
-from streams import codec, topics
-from streams.config import Settings
-from streams.pipeline import Pipeline, now_us
-from streams.sensors import Sensor
-from streams.state_view import StateView
+from clipstream.models.control.registry import Registry
+from clipstream.selection import SelectionState
+from clipstream.streams.learning.state_view import StateView
+from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.config import Settings
+from clipstream.streams.wire.sensors import Sensor
+from clipstream.streams.worker.pipeline import Pipeline, now_us
 
 LOG_APPEND_TIME = 2
 CREATE_TIME = 1
@@ -77,7 +77,7 @@ class FakeError:
 
 
 class MemoryStore(dict):
-    """A selection table in memory for the learner (streams.learning.StateStore): selection
+    """A selection table in memory for the learner (learning.learner.StateStore): selection
     key bytes -> the state as the changelog would hold it (JSON, decoded)."""
 
     def __init__(self) -> None:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from models import artifacts
-from models.artifacts import ArtifactError
-from streams.config import Settings
+from clipstream.models.control import artifacts
+from clipstream.models.control.artifacts import ArtifactError
+from clipstream.streams.wire.config import Settings
 
 
 @contextlib.contextmanager

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from streams import metrics, topics
-from streams.pipeline import now_us
+from clipstream.streams.runtime import metrics
+from clipstream.streams.wire import topics
+from clipstream.streams.worker.pipeline import now_us
 from tests.unit.fakes import answer_batches, make_pipeline, make_registry, query
 
 
@@ -54,7 +55,8 @@ def test_the_prometheus_sensor_counts_every_query_and_prediction() -> None:
 
 def test_the_query_path_never_imports_a_metrics_library() -> None:
     code = (
-        "import sys, streams.pipeline, streams.serving, streams.learning; "
+        "import sys, clipstream.streams.worker.pipeline, clipstream.streams.worker.serving; "
+        "import clipstream.streams.learning.learner; "
         "print('prometheus_client' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

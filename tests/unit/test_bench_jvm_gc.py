@@ -8,8 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from streams.bench.jvm_gc import gc_log_of, pause_figures, pauses, read_pauses
-from streams.bench.meter import BROKER, PhaseMeter, Watched
+from clipstream.streams.bench.jvm_gc import gc_log_of, pause_figures, pauses, read_pauses
+from clipstream.streams.bench.meter import BROKER, PhaseMeter, Watched
 from tests.conftest import wait_for
 
 #: allocates short-lived arrays forever: a young collection every tenth of a second or so

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from streams.bench.compare import Plan, next_rate
-from streams.bench.cpu import cpu_seconds, pid_listening_on
-from streams.bench.ensemble import phase_row
-from streams.bench.meter import BROKER, LOADGEN, SYSTEM, Snapshot, Watched, phase_figures
+from clipstream.streams.bench.compare import Plan, next_rate
+from clipstream.streams.bench.cpu import cpu_seconds, pid_listening_on
+from clipstream.streams.bench.ensemble import phase_row
+from clipstream.streams.bench.meter import BROKER, LOADGEN, SYSTEM, Snapshot, Watched, phase_figures
 from tests.conftest import wait_for
 
 BURN = "import time\nwhile time.process_time() < 0.3: pass\ntime.sleep(60)"

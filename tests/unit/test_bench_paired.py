@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streams.bench.paired import Phase, estimate, order
+from clipstream.streams.bench.paired import Phase, estimate, order
 
 
 def test_phases_alternate_so_a_drift_falls_on_both_sides_alike() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streams.bench.compare import ratios
-from streams.bench.loadgen import LoadResult, schedule
-from streams.bench.report import parse_summary, summary_line, to_jsonable
+from clipstream.streams.bench.compare import ratios
+from clipstream.streams.bench.loadgen import LoadResult, schedule
+from clipstream.streams.bench.report import parse_summary, summary_line, to_jsonable
 
 
 def result(system: str, tput: float, p50: float, rate: float | None = 100.0) -> LoadResult:

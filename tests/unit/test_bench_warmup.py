@@ -7,8 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from streams.bench.cpu import jit_seconds
-from streams.bench.warmup import QUIET_CORES, warm_up, warm_up_parts
+from clipstream.streams.bench.cpu import jit_seconds
+from clipstream.streams.bench.warmup import QUIET_CORES, warm_up, warm_up_parts
 from tests.conftest import wait_for
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from streams import cli
+from clipstream.streams.ops import cli
 
 NO_CLUSTER = (
     "error: no Kafka cluster configured: set KAFKA_BOOTSTRAP_SERVERS or run "

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from streams.cli import main
+from clipstream.streams.ops.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -32,7 +32,7 @@ def test_compose_file_is_valid_and_commands_exist() -> None:
         assert service["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
         assert service["environment"]["CLIPSTREAM_METRICS_PORT"] == "9400"
         assert service["image"] and service["depends_on"]["kafka"]["condition"] == "service_healthy"
-        # model files come from the cluster (models/artifacts.py), not from a shared disk
+        # model files come from the cluster (models/control/artifacts.py), not from a shared disk
         assert "volumes" not in service, name
         assert service["environment"]["CLIPSTREAM_ARTIFACT_CACHE"].startswith("/tmp/")
     for service in SERVICES.values():

@@ -1,4 +1,4 @@
-"""docs/configuration.md is generated from the code: every field of streams.config.Settings
+"""docs/configuration.md is generated from the code: every field of wire.config.Settings
 (its environment variable and default) and every option of every `clipstream` command.
 The descriptions of settings are the only hand-written part; they are kept across
 regeneration. After changing a setting or a flag, regenerate and fill in any TODO:
@@ -15,8 +15,8 @@ from typing import Any
 
 import click
 
-from streams.cli import main
-from streams.config import ENV_PREFIX, Settings
+from clipstream.streams.ops.cli import main
+from clipstream.streams.wire.config import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "configuration.md"
@@ -24,7 +24,7 @@ TODO = "TODO: describe"
 
 HEADER = """# Configuration reference
 
-Generated from `streams/config.py` and the `clipstream` commands by
+Generated from `streams/wire/config.py` and the `clipstream` commands by
 `.venv/bin/python -m tests.unit.test_config_docs`; `tests/unit/test_config_docs.py` fails
 when this page and the code disagree. Only the descriptions of the settings are written
 by hand.

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.registry import Registry, RegistryError, register_app
-from selection import SelectionState
-from streams.config import Settings
+from clipstream.models.control.registry import Registry, RegistryError, register_app
+from clipstream.selection import SelectionState
+from clipstream.streams.wire.config import Settings
 
 
 def app_record(**changes: Any) -> dict[str, Any]:

@@ -1,14 +1,14 @@
 """De-duplication across workers without Kafka: what a prediction record restores, and how
-the pipeline treats restored, redelivered and let-go queries (streams/dedup.py)."""
+the pipeline treats restored, redelivered and let-go queries (streams/worker/dedup.py)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from streams import codec, topics
-from streams.config import Settings
-from streams.dedup import _plan, key_function, remembered_from
-from streams.pipeline import Pipeline, now_us
+from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.config import Settings
+from clipstream.streams.worker.dedup import _plan, key_function, remembered_from
+from clipstream.streams.worker.pipeline import Pipeline, now_us
 from tests.unit import fakes
 from tests.unit.fakes import answer_batches, make_pipeline, make_registry, query
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streams import codec
+from clipstream.streams.wire import codec
 from tests.unit.fuzz_counts import report_inputs, tried
 
 pytestmark = pytest.mark.usefixtures("report_inputs")

@@ -13,13 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models import replica as replica_module
-from models.adapters import CallableAdapter, ModelAdapter, SklearnAdapter
-from models.files import load_model, save_model
-from models.registry import Registry
-from streams import codec
-from streams.config import Settings
-from streams.pipeline import _malformed_result
+from clipstream.models import replica as replica_module
+from clipstream.models.adapters import CallableAdapter, ModelAdapter, SklearnAdapter
+from clipstream.models.control.registry import Registry
+from clipstream.models.files import load_model, save_model
+from clipstream.streams.wire import codec
+from clipstream.streams.wire.config import Settings
+from clipstream.streams.worker.pipeline import _malformed_result
 from tests.integration import misbehaving_models as bad
 from tests.unit.fuzz_counts import report_inputs, tried
 

@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from models.registry import Registry
-from streams import codec, topics
-from streams.learning import Learner
-from streams.limits import MAX_DEADLINE_MS
-from streams.pipeline import Pipeline, now_us
+from clipstream.models.control.registry import Registry
+from clipstream.streams.learning.learner import Learner
+from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.limits import MAX_DEADLINE_MS
+from clipstream.streams.worker.pipeline import Pipeline, now_us
 from tests.unit import fakes
 from tests.unit.fakes import (
     FakeMessage,

@@ -1,4 +1,4 @@
-"""The REST gateway's token check (streams/gateway_auth.py), without a broker: scopes, the
+"""The REST gateway's token check (streams/gateway/auth.py), without a broker: scopes, the
 401/403 split, the explicit open mode, hashes at rest and reloading the tokens file. The
 same checks over real HTTPS against a worker process are in
 tests/integration/test_security.py."""
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from streams import gateway_auth
-from streams.cli import main
-from streams.config import Settings
-from streams.gateway_auth import GatewayConfigError, TokenAuth, make_entry, new_token
+from clipstream.streams.gateway import auth as gateway_auth
+from clipstream.streams.gateway.auth import GatewayConfigError, TokenAuth, make_entry, new_token
+from clipstream.streams.ops.cli import main
+from clipstream.streams.wire.config import Settings
 
 
 def settings(**kw: object) -> Settings:

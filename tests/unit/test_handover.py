@@ -1,11 +1,11 @@
 """Partitions moving between workers, without Kafka: what a worker serves, holds, drops and
-restores through eager rebalances (streams.handover)."""
+restores through eager rebalances (clipstream.streams.worker.handover)."""
 
 from __future__ import annotations
 
-from streams import topics
-from streams.handover import Handover
-from streams.pipeline import now_us
+from clipstream.streams.wire import topics
+from clipstream.streams.worker.handover import Handover
+from clipstream.streams.worker.pipeline import now_us
 from tests.unit.fakes import answer_batches, make_pipeline, query
 
 

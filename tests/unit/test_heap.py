@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 import pytest
 
-from streams import heap
-from streams.answers import AnswerMemory, Remembered
-from streams.learning import Learner
+from clipstream.streams.learning.learner import Learner
+from clipstream.streams.runtime import heap
+from clipstream.streams.worker.answers import AnswerMemory, Remembered
 from tests.unit.fakes import MemoryStore, make_registry, observation, records
 
 

@@ -10,14 +10,14 @@ import json
 import numpy as np
 import pytest
 
-from selection import SelectionState
-from streams import codec, topics
-from streams.emit import Emitter
-from streams.learning import ChangelogStore, Learner
-from streams.offsets import Offsets
-from streams.replay import Observed, observations_of, rebuild
-from streams.sensors import Sensor
-from streams.state_view import StateView
+from clipstream.selection import SelectionState
+from clipstream.streams.learning.learner import ChangelogStore, Learner
+from clipstream.streams.learning.replay import Observed, observations_of, rebuild
+from clipstream.streams.learning.state_view import StateView
+from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.sensors import Sensor
+from clipstream.streams.worker.emit import Emitter
+from clipstream.streams.worker.offsets import Offsets
 from tests.unit.fakes import (
     MemoryStore,
     RecordingProducer,
@@ -151,7 +151,7 @@ def test_observations_a_worker_made_fold_without_decoding_to_the_same_state(
         learner.made(value, made[3 * n : 3 * n + 3])  # the first 30 are pushed out by the bound
     for _ in range(3):  # a collection untracks one level of nested tuples
         gc.collect()
-    assert not any(gc.is_tracked(kept) for kept in learner._made.values())  # streams.heap
+    assert not any(gc.is_tracked(kept) for kept in learner._made.values())  # runtime.heap
     decodes = []
     real_decode = codec.decode
     monkeypatch.setattr(

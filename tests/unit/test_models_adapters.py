@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.linear_model import LinearRegression, LogisticRegression
 
-from models.adapters import CallableAdapter, SklearnAdapter
-from models.files import load_model, save_model
-from models.training import digits_split
-from models.validation import InputSpec, to_matrix, validate
+from clipstream.models.adapters import CallableAdapter, SklearnAdapter
+from clipstream.models.files import load_model, save_model
+from clipstream.models.training import digits_split
+from clipstream.models.validation import InputSpec, to_matrix, validate
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.batching import AIMDController, BatchPolicy, BatchQueue
+from clipstream.streams.worker.batching import AIMDController, BatchPolicy, BatchQueue
 
 
 def run(controller: AIMDController, latency, rounds: int = 400) -> list[int]:

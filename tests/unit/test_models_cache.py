@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.cache import PredictionCache
+from clipstream.streams.worker.cache import PredictionCache
 
 
 def test_lru_evicts_least_recently_used_and_counts() -> None:

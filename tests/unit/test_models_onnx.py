@@ -16,9 +16,9 @@ from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from models.adapters import OnnxAdapter, SklearnAdapter, adapter_for
-from models.files import load_model, save_onnx
-from models.training import digits_split
+from clipstream.models.adapters import OnnxAdapter, SklearnAdapter, adapter_for
+from clipstream.models.files import load_model, save_onnx
+from clipstream.models.training import digits_split
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from streams.answers import AnswerMemory, EmittedIds, Remembered
-from streams.offsets import Offsets
+from clipstream.streams.worker.answers import AnswerMemory, EmittedIds, Remembered
+from clipstream.streams.worker.offsets import Offsets
 
 
 def test_the_committable_offset_is_the_first_not_done_whatever_the_order() -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from streams import gateway
-from streams.config import Settings
-from streams.limits import MAX_DEADLINE_MS
+from clipstream.streams.gateway import server as gateway
+from clipstream.streams.wire.config import Settings
+from clipstream.streams.wire.limits import MAX_DEADLINE_MS
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = yaml.safe_load((ROOT / "docs" / "openapi.yaml").read_text())
@@ -65,8 +65,9 @@ def test_bodies_are_validated_with_reasons() -> None:
 
 def test_one_deadline_bound_everywhere() -> None:
     """The gateway, the SDK's Client, the worker and this document share one bound."""
-    from streams import limits, pipeline
-    from streams.sdk import Client
+    from clipstream.streams.sdk import Client
+    from clipstream.streams.wire import limits
+    from clipstream.streams.worker import pipeline
 
     field = SPEC["components"]["schemas"]["PredictRequest"]["properties"]["deadline_ms"]
     assert (field["minimum"], field["maximum"]) == (1, MAX_DEADLINE_MS)

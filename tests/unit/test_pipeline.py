@@ -7,9 +7,9 @@ from collections import deque
 
 import pytest
 
-from streams import codec, topics
-from streams.emit import MAX_OBSERVATIONS_BYTES
-from streams.pipeline import MAX_CLIENT_SKEW_US, now_us
+from clipstream.streams.wire import codec, topics
+from clipstream.streams.worker.emit import MAX_OBSERVATIONS_BYTES
+from clipstream.streams.worker.pipeline import MAX_CLIENT_SKEW_US, now_us
 from tests.unit.fakes import (
     LOG_APPEND_TIME,
     FakeError,

@@ -4,9 +4,9 @@ under the selection key intake used, also for personalised apps."""
 
 from __future__ import annotations
 
-from streams import codec, topics
-from streams.dedup import key_function, remembered_from
-from streams.pipeline import now_us
+from clipstream.streams.wire import codec, topics
+from clipstream.streams.worker.dedup import key_function, remembered_from
+from clipstream.streams.worker.pipeline import now_us
 from tests.unit.fakes import RecordingProducer, answer_batches, make_pipeline, make_registry, query
 
 

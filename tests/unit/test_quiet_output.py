@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 from confluent_kafka import Producer
 
-from streams import cli
-from streams.config import KAFKA_LOGGER, Settings
+from clipstream.streams.ops import cli
+from clipstream.streams.wire.config import KAFKA_LOGGER, Settings
 
 
 @pytest.fixture

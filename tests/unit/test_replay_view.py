@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.progress import Progress
 
-from streams.replay_view import RateColumn
+from clipstream.streams.ops.replay_view import RateColumn
 
 
 def rendered(advances: list[int], total: int) -> str:

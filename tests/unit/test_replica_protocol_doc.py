@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from streams import codec
+from clipstream.streams.wire import codec
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "replica-protocol.md"
 

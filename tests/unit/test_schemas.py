@@ -9,7 +9,7 @@ import avro.schema
 import pytest
 from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
 
-from streams import codec
+from clipstream.streams.wire import codec
 
 PREVIOUS = codec.HISTORY / "0.1.0"
 #: record kinds the previous release did not have

@@ -1,6 +1,6 @@
 """The SDK is a thin client: `pip install clipstream` brings confluent-kafka and fastavro
-only, and `streams.sdk` works with nothing else (issue 13). Checked in a child interpreter
-where every other installed distribution fails to import, which is what a fresh venv with
+only, and `clipstream.streams.sdk` works with nothing else (issue 13). Checked in a
+child interpreter where every other installed distribution fails to import, which is what a fresh venv with
 only those two would do, without building one."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-OWN = {"streams", "models", "selection"}
+OWN = {"clipstream"}
 
 
 def base_requirements() -> list[str]:
@@ -71,9 +71,9 @@ def test_the_base_install_is_confluent_kafka_and_fastavro() -> None:
 def test_the_sdk_works_with_the_base_install_alone() -> None:
     done = run_child(
         """
-from streams.config import Settings
-from streams.sdk import Client, PredictionReader, Predictor
-from streams import codec
+from clipstream.streams.wire.config import Settings
+from clipstream.streams.sdk import Client, PredictionReader, Predictor
+from clipstream.streams.wire import codec
 Client(Settings(bootstrap="127.0.0.1:1"))  # builds its producer; connects lazily
 query = {"query_id": "q", "app": "digits", "user": None, "features": [1.0, 2.0], "raw": None,
          "text": None, "sent_at_us": 1, "deadline_ms": None}
@@ -88,7 +88,7 @@ print("sdk ok")
 
 
 def test_the_cli_without_the_server_extra_says_what_to_install() -> None:
-    done = run_child("from streams.cli import main\n")
+    done = run_child("from clipstream.streams.ops.cli import main\n")
     assert done.returncode == 1
     assert done.stderr.strip() == (
         "error: the clipstream command needs the server extra (click is not installed): "

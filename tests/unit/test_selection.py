@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from selection import Exp3, Exp4, SelectionState, combine
+from clipstream.selection import Exp3, Exp4, SelectionState, combine
 
 
 def exp3_rounds_to_settle(seed: int) -> tuple[Exp3, int | None]:
@@ -63,7 +63,7 @@ def test_millions_of_updates_stay_finite() -> None:
         e4.update(losses[i].astype(float))
         e3.update(i % 4, 1.0, 1e-9)
     e3.logw = [x - 1e6 for x in e3.logw]  # even a corrupted offset normalises away
-    from selection.logweights import normalise
+    from clipstream.selection.logweights import normalise
 
     e3.logw = normalise(e3.logw)
     for p in (e3.probabilities(), e4.weights()):

@@ -1,0 +1,1 @@
+"""The worker's REST gateway: routes over Kafka, and who may call them."""

@@ -1,0 +1,347 @@
+"""REST gateway on the worker's Faust web server (aiohttp): Clipper's REST frontend over Kafka.
+
+``POST /apps/{app}/predict`` produces the query to ``clipstream.queries`` like any other
+client and waits for its prediction on ``clipstream.predictions``. The worker answering the
+HTTP call need not own the query's partition, so each worker process runs one shared
+predictions consumer over all partitions (from the end) and resolves waiting requests by
+query id; predictions are keyed by query id, so it decodes only those of its own waiting
+requests. A request that sees no prediction by the query's deadline plus a margin is
+answered with the app's default output, flagged ``default: true``.
+
+Who may call it is decided before the body is read (``clipstream.streams.gateway.auth``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from prometheus_client import Counter
+
+from clipstream.models.control.registry import Registry
+from clipstream.streams.gateway.auth import Denied, TokenAuth
+from clipstream.streams.runtime.metrics import Prometheus
+from clipstream.streams.sdk import Client, PredictionReader
+from clipstream.streams.wire.config import Settings
+from clipstream.streams.wire.limits import deadline_problem
+
+log = logging.getLogger("clipstream.gateway")
+
+#: (method, path) of every route; docs/openapi.yaml must describe exactly these.
+ROUTES = (
+    ("post", "/apps/{app}/predict"),
+    ("post", "/apps/{app}/feedback"),
+)
+
+REQUESTS = Counter(
+    "clipstream_gateway_requests_total",
+    "REST gateway requests by route and HTTP status",
+    ["route", "status"],
+)
+TIMEOUTS = Counter(
+    "clipstream_gateway_timeouts_total",
+    "REST predictions answered with the default output because none arrived in time",
+    ["app"],
+)
+
+
+#: the JSON fields each body may carry (docs/openapi.yaml's request schemas list the same)
+PREDICT_FIELDS = ("features", "user", "deadline_ms", "query_id", "text")
+FEEDBACK_FIELDS = ("query_id", "label", "reward", "user")
+
+
+class BadRequest(ValueError):
+    """The request body cannot become a query or feedback record (HTTP 400)."""
+
+
+def _check_fields(body: Any, allowed: tuple[str, ...]) -> None:
+    """A JSON object naming no field outside ``allowed``."""
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    unknown = set(body) - set(allowed)
+    if unknown:
+        raise BadRequest(f"unknown fields: {sorted(unknown)}")
+
+
+def parse_predict(body: Any, app: dict[str, Any]) -> dict[str, Any]:
+    """Validate a predict body; returns keyword arguments for ``Client.send_query``."""
+    _check_fields(body, PREDICT_FIELDS)
+    features = body.get("features")
+    if not isinstance(features, list) or not features:
+        raise BadRequest("'features' must be a non-empty array of numbers")
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in features):
+        raise BadRequest("'features' must contain only numbers")
+    if not all(math.isfinite(x) for x in features):
+        raise BadRequest("'features' must be finite numbers (no NaN or infinity)")
+    dim = app.get("input_dim")
+    if dim is not None and len(features) != dim:
+        raise BadRequest(f"expected {dim} features, got {len(features)}")
+    out: dict[str, Any] = {"features": [float(x) for x in features]}
+    for name in ("user", "query_id", "text"):
+        value = body.get(name)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise BadRequest(f"'{name}' must be a non-empty string")
+        out[name] = value
+    deadline = body.get("deadline_ms")
+    problem = deadline_problem(deadline)
+    if problem is not None:
+        raise BadRequest(problem)
+    out["deadline_ms"] = deadline
+    return out
+
+
+def parse_feedback(body: Any) -> dict[str, Any]:
+    """Validate a feedback body; returns keyword arguments for ``Client.send_feedback``."""
+    _check_fields(body, FEEDBACK_FIELDS)
+    qid = body.get("query_id")
+    if not isinstance(qid, str) or not qid:
+        raise BadRequest("'query_id' must be a non-empty string")
+    label, reward, user = body.get("label"), body.get("reward"), body.get("user")
+    if label is None and reward is None:
+        raise BadRequest("give 'label' or 'reward'")
+    if label is not None and (isinstance(label, bool) or not isinstance(label, str | int)):
+        raise BadRequest("'label' must be a string or an integer")
+    if reward is not None and (
+        isinstance(reward, bool) or not isinstance(reward, int | float) or not 0 <= reward <= 1
+    ):
+        raise BadRequest("'reward' must be a number in [0, 1]")
+    if user is not None and (not isinstance(user, str) or not user):
+        raise BadRequest("'user' must be a non-empty string")
+    return {
+        "query_id": qid,
+        "label": label,
+        "reward": None if reward is None else float(reward),
+        "user": user,
+    }
+
+
+class PredictionWaiter:
+    """One consumer of every predictions partition, resolving futures by query id.
+
+    It reads only while REST requests wait: after ``IDLE_S`` with none it pauses (so an
+    idle gateway does not read every prediction of the cluster), and the next request first
+    has it go on from the current end of each partition, before its query is sent."""
+
+    IDLE_S = 5.0
+
+    def __init__(self, settings: Settings) -> None:
+        self.reader = PredictionReader(settings, sensor=Prometheus())
+        # keyed by the query id's UTF-8 bytes, as the predictions' Kafka keys are
+        self._waiting: dict[bytes, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        #: set while the reader reads from where every waiting query's prediction will be
+        self._active = threading.Event()
+        self._active.set()
+        self._wake = threading.Event()
+        self._last_wait = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="gateway-predictions", daemon=True)
+        self._thread.start()
+
+    async def expect(self, qid: str) -> asyncio.Future[dict[str, Any]]:
+        """Register interest before the query is sent, so its answer cannot be missed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        with self._lock:
+            self._waiting[qid.encode()] = (loop, future)
+            self._last_wait = time.monotonic()
+            idle = not self._active.is_set()
+            if idle:
+                self._wake.set()
+        if idle and not await asyncio.to_thread(self._active.wait, 30):
+            raise TimeoutError("the predictions reader did not resume")
+        return future
+
+    def forget(self, qid: str) -> None:
+        with self._lock:
+            self._waiting.pop(qid.encode(), None)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self._active.is_set():
+                self._wake.wait()  # a request, or close()
+                if self._stop.is_set():
+                    break
+                self._wake.clear()
+                self.reader.resume_at_end()
+                self._active.set()
+                continue
+            try:
+                # The reader tests each key against _waiting without the lock: a dict
+                # membership test is atomic, and an id added meanwhile was not sent yet.
+                records = self.reader.poll(0.1, keys=self._waiting)
+            except Exception:  # a consumer error must not stop every REST prediction
+                log.exception("predictions consumer")
+                continue
+            for record in records:
+                with self._lock:
+                    waiting = self._waiting.pop(record["query_id"].encode(), None)
+                if waiting is not None:
+                    loop, future = waiting
+                    loop.call_soon_threadsafe(_resolve, future, record)
+            with self._lock:
+                if not self._waiting and time.monotonic() - self._last_wait > self.IDLE_S:
+                    self.reader.pause()
+                    self._active.clear()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(5)
+        self.reader.close()
+
+
+def _resolve(future: asyncio.Future[Any], record: dict[str, Any]) -> None:
+    if not future.done():
+        future.set_result(record)
+
+
+def prediction_json(record: dict[str, Any]) -> dict[str, Any]:
+    """The prediction as JSON (bytes-free: every field of the Avro record is JSON-able)."""
+    return {k: v for k, v in record.items() if k != "received_at_us"}
+
+
+class Gateway:
+    """The two REST operations, independent of the web framework (tested directly too)."""
+
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.auth = TokenAuth(settings)
+        self.tls = bool(settings.gateway_certfile)
+        if self.auth.open:
+            log.warning(
+                "the REST gateway is OPEN (CLIPSTREAM_GATEWAY_AUTH=open): anyone who reaches "
+                "its port may predict and send feedback for every app"
+            )
+        elif not self.auth.tokens:
+            log.warning(
+                "the REST gateway refuses every request: no tokens configured (set "
+                "CLIPSTREAM_GATEWAY_TOKENS_FILE, or CLIPSTREAM_GATEWAY_AUTH=open on a closed "
+                "network)"
+            )
+        elif not self.tls:
+            log.warning(
+                "REST bearer tokens travel in clear over HTTP: set CLIPSTREAM_GATEWAY_CERTFILE "
+                "and CLIPSTREAM_GATEWAY_KEYFILE, or terminate TLS in front of the gateway"
+            )
+        self.client = Client(settings)
+        self.waiter = PredictionWaiter(settings)
+
+    def describe(self) -> str:
+        """How the gateway listens, for the worker's start-up line."""
+        return f"{'https' if self.tls else 'http'}, {self.auth.describe()}"
+
+    def authorize(self, operation: str, app_name: str, authorization: str | None) -> Denied | None:
+        """None if a request with this Authorization header may call ``operation``."""
+        return self.auth.check(operation, app_name, authorization)
+
+    async def predict(self, app_name: str, body: Any) -> tuple[int, dict[str, Any]]:
+        app = self.registry.app(app_name)
+        if app is None:
+            return 404, {"error": f"unknown app {app_name!r}"}
+        try:
+            query = parse_predict(body, app)
+        except BadRequest as exc:
+            return 400, {"error": str(exc)}
+        qid = query.pop("query_id") or uuid.uuid4().hex
+        deadline_ms = query["deadline_ms"] or app["deadline_ms"]
+        future = await self.waiter.expect(qid)
+        sent_at_us = time.time_ns() // 1000
+        try:
+            self.client.send_query(app_name, query_id=qid, **query)
+            wait_s = (deadline_ms + self.settings.gateway_margin_ms) / 1000
+            return 200, prediction_json(await asyncio.wait_for(future, wait_s))
+        except TimeoutError:
+            TIMEOUTS.labels(app_name).inc()
+            return 200, self.default_prediction(app_name, app, qid, query["user"], sent_at_us)
+        finally:
+            self.waiter.forget(qid)
+
+    @staticmethod
+    def default_prediction(
+        app_name: str, app: dict[str, Any], qid: str, user: str | None, sent_at_us: int
+    ) -> dict[str, Any]:
+        return {
+            "query_id": qid,
+            "app": app_name,
+            "user": user,
+            "label": app.get("default_label"),
+            "score": None,
+            "models": [],
+            "answers": [],
+            "cache_hit": False,
+            "default": True,
+            "error": "no prediction from the worker by the deadline (gateway timeout)",
+            "sent_at_us": sent_at_us,
+            "emitted_at_us": time.time_ns() // 1000,
+            "worker_us": 0,
+        }
+
+    async def feedback(self, app_name: str, body: Any) -> tuple[int, dict[str, Any]]:
+        if self.registry.app(app_name) is None:
+            return 404, {"error": f"unknown app {app_name!r}"}
+        try:
+            fb = parse_feedback(body)
+        except BadRequest as exc:
+            return 400, {"error": str(exc)}
+        qid = fb.pop("query_id")
+        self.client.send_feedback(qid, app_name, **fb)
+        return 202, {"query_id": qid, "accepted": True}
+
+    def close(self) -> None:
+        self.waiter.close()
+        self.client.producer.flush(5)
+
+
+async def _read_json(request: Any) -> Any:
+    raw = await request.read()
+    try:
+        return json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+
+
+def mount(faust_app: Any, gateway: Gateway) -> None:
+    """Add the gateway's routes to a Faust app's web server."""
+    import faust
+
+    def view(route: str, operation: Any) -> type:
+        class GatewayView(faust.web.View):
+            async def post(self, request: Any, app: str) -> Any:
+                denied = gateway.authorize(route, app, request.headers.get("Authorization"))
+                if denied is not None:
+                    REQUESTS.labels(route, str(denied.status)).inc()
+                    return self.json(
+                        {"error": denied.reason}, status=denied.status, headers=denied.headers()
+                    )
+                try:
+                    status, payload = await operation(app, await _read_json(request))
+                except BadRequest as exc:
+                    status, payload = 400, {"error": str(exc)}
+                REQUESTS.labels(route, str(status)).inc()
+                return self.json(payload, status=status)
+
+        GatewayView.__name__ = f"gateway_{route}"
+        return GatewayView
+
+    operations = {"predict": gateway.predict, "feedback": gateway.feedback}
+    for _method, path in ROUTES:
+        route = path.rsplit("/", 1)[-1]
+        faust_app.page(path, name=f"gateway_{route}")(view(route, operations[route]))
+
+
+def free_port(port: int = 0) -> int:
+    """``port`` itself, or for 0 a port that is free now (Faust must be told a number)."""
+    if port:
+        return port
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
