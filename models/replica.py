@@ -28,14 +28,11 @@ from clipstream.models.control.registry import ControlFollower
 from clipstream.models.files import load_model
 from clipstream.streams.runtime import heap, metrics
 from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.clock import now_us
 from clipstream.streams.wire.config import Settings
 from clipstream.streams.wire.kafka import FETCH_WAIT_MS, consume_ready, group_session_timeout_ms
 
 log = logging.getLogger("clipstream.replica")
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
 
 
 class Replica:

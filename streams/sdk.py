@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Container, Iterator, Sequence
@@ -20,16 +19,13 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.clock import now_us
 from clipstream.streams.wire.config import Settings
 from clipstream.streams.wire.kafka import FETCH_WAIT_MS, consume_ready, watermarks
 from clipstream.streams.wire.limits import deadline_problem
 from clipstream.streams.wire.sensors import Sensor
 
 log = logging.getLogger("clipstream.sdk")
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
 
 
 class SeenIds:

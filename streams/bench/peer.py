@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 from confluent_kafka import Message
 
 from clipstream.streams.bench.loadgen import Protocol, Reply
+from clipstream.streams.runtime.ports import free_port
 
 PEER_NAME = "mlserver"
 PINS = ["mlserver==1.7.1", "mlserver-sklearn==1.7.1", "scikit-learn==1.9.1", "numpy==2.4.6"]
@@ -68,12 +68,6 @@ def ensure_installed(log: Path) -> Path:
             raise PeerUnavailable(f"installing {' '.join(PINS)} failed ({exc}); see {log}") from exc
     (venv / ".installed").write_text(" ".join(PINS))
     return mlserver_bin()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(

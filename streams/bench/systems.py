@@ -21,10 +21,10 @@ from clipstream.models.control import registry
 from clipstream.streams.bench import peer
 from clipstream.streams.bench.loadgen import Protocol, Reply
 from clipstream.streams.bench.meter import SYSTEM, Watched, shared_processes
-from clipstream.streams.broker import free_port
+from clipstream.streams.runtime.ports import free_port
 from clipstream.streams.runtime.processes import Child, clipstream_command, spawn
-from clipstream.streams.sdk import now_us
 from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.clock import now_us
 from clipstream.streams.wire.config import Settings
 
 SYSTEMS = ("floor", "naive", "clipstream", "clipstream-cache", "peer")

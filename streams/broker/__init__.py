@@ -31,10 +31,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from clipstream.streams.runtime.ports import HOST, free_port, port_in_use
+
 HERE = Path(__file__).resolve().parent
 POM = HERE / "pom.xml"
 LOG4J = HERE / "log4j2.properties"
-HOST = "127.0.0.1"
 MARKER = ".complete"
 
 # Start-up speed on a 2-core dev box matters more than peak JIT throughput. Measured here
@@ -189,27 +190,6 @@ def _run_mvn(mvn: str, out_dir: Path) -> None:
 
 
 # -- ports and readiness ---------------------------------------------------------------------
-
-
-def free_port(exclude: tuple[int, ...] = ()) -> int:
-    """A port nothing listens on right now (the kernel's choice for 127.0.0.1:0)."""
-    while True:
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            port = int(s.getsockname()[1])
-        if port not in exclude:
-            return port
-
-
-def port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        # SO_REUSEADDR as Kafka's acceptor does: a TIME_WAIT leftover does not count as taken
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return True
-    return False
 
 
 def admin_answers(bootstrap: str, timeout: float = 2.0) -> bool:

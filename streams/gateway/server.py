@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 import math
-import socket
 import threading
 import time
 import uuid
@@ -336,12 +335,3 @@ def mount(faust_app: Any, gateway: Gateway) -> None:
     for _method, path in ROUTES:
         route = path.rsplit("/", 1)[-1]
         faust_app.page(path, name=f"gateway_{route}")(view(route, operations[route]))
-
-
-def free_port(port: int = 0) -> int:
-    """``port`` itself, or for 0 a port that is free now (Faust must be told a number)."""
-    if port:
-        return port
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])

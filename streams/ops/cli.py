@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import socket
 import sys
 import traceback
 from pathlib import Path
@@ -26,6 +25,7 @@ except ModuleNotFoundError as missing:  # `pip install clipstream` is the SDK al
     )
 
 from clipstream.streams.ops.failures import Failure, check_kafka, explain
+from clipstream.streams.runtime.ports import port_in_use
 from clipstream.streams.wire.config import KAFKA_LOGGER, Settings
 from clipstream.streams.wire.limits import MAX_DEADLINE_MS
 
@@ -79,13 +79,10 @@ def free_port_option(port: int | None, flag: str) -> None:
     """A port flag naming a port that is taken fails here, before anything starts."""
     if not port:
         return
-    with socket.socket() as probe:
-        try:
-            probe.bind(("", port))
-        except OSError:
-            raise click.BadParameter(
-                f"port {port} is in use; pick another, or 0 for a free one", param_hint=flag
-            ) from None
+    if port_in_use(port, host=""):
+        raise click.BadParameter(
+            f"port {port} is in use; pick another, or 0 for a free one", param_hint=flag
+        )
 
 
 class Cli(click.Group):

@@ -13,7 +13,6 @@ broker unreachable) is retried until it is delivered: moving on would lose it.""
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -22,6 +21,7 @@ from typing import Any
 from confluent_kafka import KafkaError
 
 from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.clock import now_us
 from clipstream.streams.wire.sensors import Sensor
 from clipstream.streams.worker.offsets import Offsets
 
@@ -30,10 +30,6 @@ log = logging.getLogger("clipstream.emit")
 Source = tuple[str, int, int]  # topic, partition, offset
 #: a message of observations is split above this size (the broker's default limit is 1 MB)
 MAX_OBSERVATIONS_BYTES = 256 << 10
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
 
 
 class Group:

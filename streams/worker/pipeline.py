@@ -44,10 +44,6 @@ TICK_REPORT_US = 1_000_000
 TIMESTAMP_LOG_APPEND_TIME = 2  # confluent_kafka.TIMESTAMP_LOG_APPEND_TIME
 
 
-def now_us() -> int:
-    return time.time_ns() // 1000
-
-
 class MessageLike(Protocol):
     """What the pipeline reads of a Kafka message (confluent_kafka.Message has it)."""
 

@@ -23,8 +23,9 @@ from confluent_kafka.admin import AdminClient
 
 from clipstream.models.control.registry import ControlFollower
 from clipstream.streams.gateway.auth import server_ssl_context
-from clipstream.streams.gateway.server import Gateway, free_port, mount
+from clipstream.streams.gateway.server import Gateway, mount
 from clipstream.streams.runtime import metrics
+from clipstream.streams.runtime.ports import free_port
 from clipstream.streams.wire import topics
 from clipstream.streams.wire.config import Settings
 from clipstream.streams.worker.serving import ServingLoop
@@ -51,7 +52,7 @@ class Worker:
         self.app = faust.App(
             topics.FAUST_APP,
             web_enabled=True,
-            web_port=free_port(settings.web_port),
+            web_port=settings.web_port or free_port(),
             web_ssl_context=server_ssl_context(settings),
             # only the gateway: Faust's own pages would expose its internals
             web_tables_enabled=False,

@@ -36,12 +36,13 @@ from clipstream.streams.learning.learner import ChangelogStore, Learner, Record
 from clipstream.streams.learning.state_view import StateView
 from clipstream.streams.runtime import heap
 from clipstream.streams.wire import topics
+from clipstream.streams.wire.clock import now_us
 from clipstream.streams.wire.config import Settings
 from clipstream.streams.wire.kafka import FETCH_WAIT_MS, consume_ready, group_session_timeout_ms
 from clipstream.streams.wire.sensors import Sensor
 from clipstream.streams.worker import dedup
 from clipstream.streams.worker.handover import Handover
-from clipstream.streams.worker.pipeline import Pipeline, now_us
+from clipstream.streams.worker.pipeline import Pipeline
 
 log = logging.getLogger("clipstream.serving")
 

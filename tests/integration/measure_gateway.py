@@ -23,8 +23,9 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from clipstream.streams.broker import EmbeddedBroker
-from clipstream.streams.sdk import PredictionReader, now_us
+from clipstream.streams.sdk import PredictionReader
 from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.clock import now_us
 from clipstream.streams.wire.config import Settings
 
 

@@ -16,7 +16,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from clipstream.models.control import registry
 from clipstream.models.files import save_model
 from clipstream.models.training import digits_split
-from clipstream.streams.broker import free_port
+from clipstream.streams.runtime.ports import free_port
 from clipstream.streams.sdk import Client, PredictionReader
 from clipstream.streams.wire import codec, topics
 from tests.conftest import wait_for

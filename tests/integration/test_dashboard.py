@@ -14,8 +14,8 @@ from confluent_kafka import Producer
 
 from clipstream.models.control import registry
 from clipstream.models.training import digits_split
-from clipstream.streams.gateway.server import free_port
 from clipstream.streams.ops.status import scrape
+from clipstream.streams.runtime.ports import free_port
 from clipstream.streams.sdk import Client, PredictionReader
 from clipstream.streams.wire import topics
 from clipstream.streams.wire.config import Settings

@@ -24,9 +24,11 @@ from confluent_kafka.admin import AdminClient
 from clipstream.models.control import registry
 from clipstream.models.training import digits_split
 from clipstream.streams.gateway.server import Gateway, PredictionWaiter
+from clipstream.streams.runtime.ports import free_port
 from clipstream.streams.runtime.processes import clipstream_command, spawn
-from clipstream.streams.sdk import Client, PredictionReader, Predictor, now_us
+from clipstream.streams.sdk import Client, PredictionReader, Predictor
 from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.clock import now_us
 from clipstream.streams.wire.config import Settings
 from clipstream.streams.wire.limits import MAX_DEADLINE_MS
 from tests.conftest import wait_for
@@ -38,12 +40,6 @@ APP = "digits-rest"
 LONELY = "digits-lonely"  # its model has no replica: only defaults
 MODEL = "digits-logreg"
 ORPHAN = "digits-forest"
-
-
-def free_port() -> int:
-    from clipstream.streams.gateway.server import free_port as pick
-
-    return pick(0)
 
 
 def http(method: str, url: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:

@@ -12,9 +12,9 @@ import pytest
 from clipstream.models.control import registry
 from clipstream.models.training import digits_split
 from clipstream.selection import SelectionState
-from clipstream.streams.gateway.server import free_port
 from clipstream.streams.learning.replay import replay
 from clipstream.streams.ops.status import scrape
+from clipstream.streams.runtime.ports import free_port
 from clipstream.streams.sdk import Client, PredictionReader
 from clipstream.streams.wire import topics
 from tests.conftest import wait_for

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from clipstream.streams.gateway.server import free_port
+from clipstream.streams.runtime.ports import free_port
 from clipstream.streams.wire.config import Settings
 from tests.conftest import wait_for
 

@@ -23,7 +23,7 @@ import pytest
 from clipstream.models.control import registry
 from clipstream.models.files import save_model
 from clipstream.models.training import digits_split
-from clipstream.streams.broker import free_port
+from clipstream.streams.runtime.ports import free_port
 from clipstream.streams.runtime.processes import Child, clipstream_command, spawn
 from clipstream.streams.sdk import Client, PredictionReader
 from clipstream.streams.wire import codec

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from clipstream.streams.gateway.server import free_port
+from clipstream.streams.runtime.ports import free_port
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration

@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from clipstream.models.control import registry
 from clipstream.models.training import digits_split
-from clipstream.streams.gateway.server import free_port
 from clipstream.streams.learning.replay import live_states, replay
+from clipstream.streams.runtime.ports import free_port
 from clipstream.streams.runtime.processes import Child
 from clipstream.streams.sdk import Predictor
 from clipstream.streams.wire import codec, topics

@@ -30,8 +30,8 @@ from clipstream.streams.broker.secure import (
     SecureEmbeddedBroker,
     make_certificates,
 )
-from clipstream.streams.gateway.server import free_port
 from clipstream.streams.learning.replay import replay
+from clipstream.streams.runtime.ports import free_port
 from clipstream.streams.runtime.processes import clipstream_command
 from clipstream.streams.sdk import Client, PredictionReader, Predictor
 from clipstream.streams.wire import topics

@@ -10,7 +10,7 @@ import pytest
 
 from clipstream.models.control import registry
 from clipstream.models.training import digits_split
-from clipstream.streams.broker import free_port
+from clipstream.streams.runtime.ports import free_port
 from clipstream.streams.sdk import Client, PredictionReader
 from tests.conftest import wait_for
 from tests.integration.helpers import collect, wait_until_serving

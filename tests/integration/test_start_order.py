@@ -16,7 +16,7 @@ from confluent_kafka import Producer
 from sklearn.datasets import load_digits
 
 from clipstream.streams.broker import EmbeddedBroker
-from clipstream.streams.gateway.server import free_port
+from clipstream.streams.runtime.ports import free_port
 from clipstream.streams.runtime.processes import Child
 from clipstream.streams.wire import codec, topics
 from clipstream.streams.wire.config import Settings

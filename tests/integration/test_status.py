@@ -12,7 +12,7 @@ import pytest
 
 from clipstream.models.control import registry
 from clipstream.models.training import digits_split
-from clipstream.streams.gateway.server import free_port
+from clipstream.streams.runtime.ports import free_port
 from clipstream.streams.runtime.processes import clipstream_command
 from clipstream.streams.sdk import Client, PredictionReader
 from clipstream.streams.wire.config import Settings

@@ -15,9 +15,10 @@ from clipstream.models.control.registry import Registry
 from clipstream.selection import SelectionState
 from clipstream.streams.learning.state_view import StateView
 from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.clock import now_us
 from clipstream.streams.wire.config import Settings
 from clipstream.streams.wire.sensors import Sensor
-from clipstream.streams.worker.pipeline import Pipeline, now_us
+from clipstream.streams.worker.pipeline import Pipeline
 
 LOG_APPEND_TIME = 2
 CREATE_TIME = 1

@@ -11,7 +11,7 @@ import pytest
 
 from clipstream.streams.runtime import metrics
 from clipstream.streams.wire import topics
-from clipstream.streams.worker.pipeline import now_us
+from clipstream.streams.wire.clock import now_us
 from tests.unit.fakes import answer_batches, make_pipeline, make_registry, query
 
 

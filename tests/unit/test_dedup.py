@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.clock import now_us
 from clipstream.streams.wire.config import Settings
 from clipstream.streams.worker.dedup import _plan, key_function, remembered_from
-from clipstream.streams.worker.pipeline import Pipeline, now_us
+from clipstream.streams.worker.pipeline import Pipeline
 from tests.unit import fakes
 from tests.unit.fakes import answer_batches, make_pipeline, make_registry, query
 

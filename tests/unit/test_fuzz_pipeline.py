@@ -20,8 +20,9 @@ from prometheus_client import REGISTRY
 from clipstream.models.control.registry import Registry
 from clipstream.streams.learning.learner import Learner
 from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.clock import now_us
 from clipstream.streams.wire.limits import MAX_DEADLINE_MS
-from clipstream.streams.worker.pipeline import Pipeline, now_us
+from clipstream.streams.worker.pipeline import Pipeline
 from tests.unit import fakes
 from tests.unit.fakes import (
     FakeMessage,

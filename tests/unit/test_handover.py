@@ -4,8 +4,8 @@ restores through eager rebalances (clipstream.streams.worker.handover)."""
 from __future__ import annotations
 
 from clipstream.streams.wire import topics
+from clipstream.streams.wire.clock import now_us
 from clipstream.streams.worker.handover import Handover
-from clipstream.streams.worker.pipeline import now_us
 from tests.unit.fakes import answer_batches, make_pipeline, query
 
 

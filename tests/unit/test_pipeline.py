@@ -8,8 +8,9 @@ from collections import deque
 import pytest
 
 from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.clock import now_us
 from clipstream.streams.worker.emit import MAX_OBSERVATIONS_BYTES
-from clipstream.streams.worker.pipeline import MAX_CLIENT_SKEW_US, now_us
+from clipstream.streams.worker.pipeline import MAX_CLIENT_SKEW_US
 from tests.unit.fakes import (
     LOG_APPEND_TIME,
     FakeError,

@@ -5,8 +5,8 @@ under the selection key intake used, also for personalised apps."""
 from __future__ import annotations
 
 from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.clock import now_us
 from clipstream.streams.worker.dedup import key_function, remembered_from
-from clipstream.streams.worker.pipeline import now_us
 from tests.unit.fakes import RecordingProducer, answer_batches, make_pipeline, make_registry, query
 
 

@@ -1,7 +1,7 @@
 """The SDK is a thin client: `pip install clipstream` brings confluent-kafka and fastavro
 only, and `clipstream.streams.sdk` works with nothing else (issue 13). Checked in a
-child interpreter where every other installed distribution fails to import, which is what a fresh venv with
-only those two would do, without building one."""
+child interpreter where every other installed distribution fails to import, which is what
+a fresh venv with only those two would do, without building one."""
 
 from __future__ import annotations
 
