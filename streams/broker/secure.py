@@ -18,7 +18,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipstream.streams.broker import HOST, EmbeddedBroker, free_port
+from clipstream.streams.broker import EmbeddedBroker
+from clipstream.streams.runtime.ports import HOST, free_port
 
 SCRAM_MECHANISM = "SCRAM-SHA-512"
 

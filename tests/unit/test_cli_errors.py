@@ -13,6 +13,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from clipstream.streams.ops import cli
+from clipstream.streams.ops.cli import status
+from clipstream.streams.ops.cli.common import UpperChoice
 
 NO_CLUSTER = (
     "error: no Kafka cluster configured: set KAFKA_BOOTSTRAP_SERVERS or run "
@@ -102,7 +104,7 @@ def test_a_bug_is_one_line_that_asks_for_the_traceback(
     def broken(**overrides: object) -> None:
         raise KeyError("surprise")
 
-    monkeypatch.setattr(cli, "settings_for", broken)
+    monkeypatch.setattr(status, "settings_for", broken)  # where `clipstream status` finds it
     result = run(["status"], no_cluster_env(tmp_path))
     assert result.exit_code == 1
     assert one_line(result) == (
@@ -169,5 +171,5 @@ def test_policy_help_shows_the_choices_as_they_are_written() -> None:
     assert result.exit_code == 0
     (line,) = [x for x in result.stdout.splitlines() if "--policy" in x]
     assert "[SINGLE|EXP3|EXP4]" in line and "[default: SINGLE]" in line
-    choice = cli.UpperChoice(["SINGLE", "EXP3", "EXP4"])
+    choice = UpperChoice(["SINGLE", "EXP3", "EXP4"])
     assert choice.convert("exp4", None, None) == "EXP4"
