@@ -1,4 +1,4 @@
-"""REST gateway on the worker's Faust web server (aiohttp): Clipper's REST frontend over Kafka.
+"""REST gateway on the worker's aiohttp web server: Clipper's REST frontend over Kafka.
 
 ``POST /apps/{app}/predict`` produces the query to ``clipstream.queries`` like any other
 client and waits for its prediction on ``clipstream.predictions``. The worker answering the
@@ -17,11 +17,14 @@ import asyncio
 import json
 import logging
 import math
+import ssl
 import threading
 import time
 import uuid
 from typing import Any
 
+import orjson
+from aiohttp import web
 from prometheus_client import Counter
 
 from clipstream.models.control.registry import Registry
@@ -308,30 +311,91 @@ async def _read_json(request: Any) -> Any:
         raise BadRequest(f"body is not valid JSON: {exc}") from None
 
 
-def mount(faust_app: Any, gateway: Gateway) -> None:
-    """Add the gateway's routes to a Faust app's web server."""
-    import faust
+def web_app(gateway: Gateway) -> web.Application:
+    """The gateway's routes, and ``GET /`` (a health check: ``{"status": "OK"}``), on an
+    aiohttp application; nothing else is served."""
 
-    def view(route: str, operation: Any) -> type:
-        class GatewayView(faust.web.View):
-            async def post(self, request: Any, app: str) -> Any:
-                denied = gateway.authorize(route, app, request.headers.get("Authorization"))
-                if denied is not None:
-                    REQUESTS.labels(route, str(denied.status)).inc()
-                    return self.json(
-                        {"error": denied.reason}, status=denied.status, headers=denied.headers()
-                    )
-                try:
-                    status, payload = await operation(app, await _read_json(request))
-                except BadRequest as exc:
-                    status, payload = 400, {"error": str(exc)}
-                REQUESTS.labels(route, str(status)).inc()
-                return self.json(payload, status=status)
+    def handler(route: str, operation: Any) -> Any:
+        async def post(request: web.Request) -> web.Response:
+            app = request.match_info["app"]
+            denied = gateway.authorize(route, app, request.headers.get("Authorization"))
+            if denied is not None:
+                REQUESTS.labels(route, str(denied.status)).inc()
+                return _json({"error": denied.reason}, denied.status, denied.headers())
+            try:
+                status, payload = await operation(app, await _read_json(request))
+            except BadRequest as exc:
+                status, payload = 400, {"error": str(exc)}
+            REQUESTS.labels(route, str(status)).inc()
+            return _json(payload, status)
 
-        GatewayView.__name__ = f"gateway_{route}"
-        return GatewayView
+        post.__name__ = f"gateway_{route}"
+        return post
 
+    async def health(request: web.Request) -> web.Response:
+        return _json({"status": "OK"})
+
+    application = web.Application()
+    application.router.add_get("/", health, name="health")
     operations = {"predict": gateway.predict, "feedback": gateway.feedback}
-    for _method, path in ROUTES:
+    for method, path in ROUTES:
         route = path.rsplit("/", 1)[-1]
-        faust_app.page(path, name=f"gateway_{route}")(view(route, operations[route]))
+        application.router.add_route(
+            method.upper(), path, handler(route, operations[route]), name=f"gateway_{route}"
+        )
+    return application
+
+
+def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON response, compact UTF-8 (as orjson writes it)."""
+    return web.Response(
+        body=orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+        charset="utf-8",
+    )
+
+
+class WebServer:
+    """The gateway's HTTP(S) listener: ``settings.web_port`` (0: a free port, the one bound
+    is ``port``) on all interfaces, TLS when ``ssl_context`` is given."""
+
+    #: how long a stop waits for requests still being answered before cancelling them
+    SHUTDOWN_S = 5.0
+
+    def __init__(
+        self, gateway: Gateway, settings: Settings, ssl_context: ssl.SSLContext | None
+    ) -> None:
+        self.settings = settings
+        self.ssl_context = ssl_context
+        self.runner = web.AppRunner(
+            web_app(gateway),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self.SHUTDOWN_S,
+        )
+        self._site: web.TCPSite | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        """Listen; returns the port bound."""
+        await self.runner.setup()
+        self._site = web.TCPSite(
+            self.runner, "0.0.0.0", self.settings.web_port, ssl_context=self.ssl_context
+        )
+        await self._site.start()
+        self.port = self.runner.addresses[0][1]
+        return self.port
+
+    async def stop_listening(self) -> None:
+        """Accept no more connections; requests under way go on."""
+        if self._site is not None:
+            site, self._site = self._site, None
+            await site.stop()
+
+    async def close(self) -> None:
+        """Stop listening, give requests under way ``SHUTDOWN_S`` to finish, then cancel
+        those left."""
+        await self.stop_listening()
+        await self.runner.cleanup()

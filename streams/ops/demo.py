@@ -76,7 +76,7 @@ def run_demo(rate: float = 150.0, replicas: int = 1, workdir: Path | None = None
             from clipstream.streams.wire import topics
 
             topics.ensure_topics(
-                AdminClient(settings.kafka()), topics.TopicPlan(settings.partitions).core()
+                AdminClient(settings.kafka()), topics.TopicPlan.of(settings).core()
             )
             for name in DEMO_MODELS:
                 # onnxruntime, as a production deployment would: scikit-learn's 100-tree
@@ -137,8 +137,8 @@ def stop_all(children: list[Child]) -> None:
 
 def warm_up(client: Client, reader: PredictionReader, rate: float, seconds: float = 1.0) -> None:
     """Training rows at the demo's rate, with feedback, not counted: the processes all
-    started a moment ago (the broker without its JIT, the replicas' first batches, Faust
-    finishing its start-up) and the first fraction of a second was 100-350 ms slow, which
+    started a moment ago (the broker without its JIT, the replicas' first batches, the
+    worker finishing its start-up) and the first fraction of a second was 100-350 ms slow, which
     is start-up, not serving."""
     X_train, _, y_train, _ = digits_split()
     n = int(rate * seconds)

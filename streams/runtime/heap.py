@@ -1,7 +1,7 @@
 """What the garbage collector walks in a long-running worker or replica.
 
 CPython's full collection (generation 2) walks every object it tracks. Once its imports
-and models are loaded (numpy, scikit-learn, onnxruntime, faust, aiohttp, the models'
+and models are loaded (numpy, scikit-learn, onnxruntime, aiohttp, the models'
 trees) a worker or replica tracks some 90,000-125,000 objects, and a full collection took
 71-114 ms in a worker at 200 q/s, every 40-70 s. The thread that triggers it holds the GIL
 all that time, so the serving loop or the replica stops: one pause is longer than the whole

@@ -1,4 +1,4 @@
-"""What the worker reports about itself, as hooks it calls (faust's sensor pattern).
+"""What the worker reports about itself, as hooks it calls (the sensor pattern of Faust).
 
 The processing code calls these and never imports a metrics library; ``Sensor`` does
 nothing, which is what unit tests and embedded uses get. ``runtime.metrics.Prometheus``

@@ -64,7 +64,7 @@ def run_child(code: str) -> subprocess.CompletedProcess[str]:
 def test_the_base_install_is_confluent_kafka_and_fastavro() -> None:
     assert base_requirements() == ["confluent-kafka", "fastavro"]
     blocked = blocked_modules()
-    for server_side in ("faust", "aiokafka", "numpy", "sklearn", "click", "rich"):
+    for server_side in ("aiohttp", "numpy", "sklearn", "click", "rich"):
         assert server_side in blocked
 
 
