@@ -169,14 +169,13 @@ def describe_uri(uri: str, sha256: str | None = None) -> dict[str, Any]:
 
 
 def ensure_topic(settings: Settings) -> None:
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient
 
     from clipstream.streams.wire import topics
 
-    topics.ensure_topics(
-        AdminClient(settings.kafka()),
-        [NewTopic(ARTIFACTS, 1, 1, config={"cleanup.policy": "compact"})],
-    )
+    plan = topics.TopicPlan.of(settings)
+    artifacts = plan.topic(ARTIFACTS, 1, {"cleanup.policy": "compact"})
+    topics.ensure_topics(AdminClient(settings.kafka()), [artifacts])
 
 
 # -- fetching ---------------------------------------------------------------------------

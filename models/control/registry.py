@@ -380,17 +380,13 @@ def register_app(
 def ensure_core_topics(settings: Settings) -> None:
     from confluent_kafka.admin import AdminClient
 
-    topics.ensure_topics(
-        AdminClient(settings.kafka()), topics.TopicPlan(settings.partitions).core()
-    )
+    topics.ensure_topics(AdminClient(settings.kafka()), topics.TopicPlan.of(settings).core())
 
 
 def ensure_model_topic(settings: Settings, name: str, partitions: int) -> None:
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient
 
     admin = AdminClient(settings.kafka())
-    topics.ensure_topics(
-        admin,
-        [NewTopic(topics.model_requests(name), partitions, 1, config={"retention.ms": "3600000"})],
-        grow=True,
-    )
+    plan = topics.TopicPlan.of(settings)
+    requests = plan.topic(topics.model_requests(name), partitions, {"retention.ms": "3600000"})
+    topics.ensure_topics(admin, [requests], grow=True)

@@ -72,9 +72,7 @@ def run_ensemble(
     trained = train_digits_models(workdir / "models", names=list(MODELS))
     _, X, _, y = digits_split()
     X = np.ascontiguousarray(X, dtype=float)
-    topics.ensure_topics(
-        AdminClient(settings.kafka()), topics.TopicPlan(settings.partitions).core()
-    )
+    topics.ensure_topics(AdminClient(settings.kafka()), topics.TopicPlan.of(settings).core())
     for name, deployed in DEPLOYED.items():
         path, fmt = trained[name][0], "skops"
         if plan.model_format == "onnx":

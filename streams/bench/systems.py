@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 from confluent_kafka import ConsumerGroupState, Message
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
 
 from clipstream.models.control import registry
 from clipstream.streams.bench import peer
@@ -157,8 +157,9 @@ def avro_protocol(
 
 
 def _topics(ctx: Context, names: list[str]) -> None:
-    p = ctx.settings.partitions
-    topics.ensure_topics(AdminClient(ctx.settings.kafka()), [NewTopic(n, p, 1) for n in names])
+    plan = topics.TopicPlan.of(ctx.settings)
+    wanted = [plan.topic(n, plan.partitions) for n in names]
+    topics.ensure_topics(AdminClient(ctx.settings.kafka()), wanted)
 
 
 def _module(name: str, *args: str) -> list[str]:
@@ -202,7 +203,7 @@ def start(system: str, ctx: Context) -> tuple[Protocol, list[Child]]:
 
 def _start_clipstream(ctx: Context) -> list[Child]:
     s = ctx.settings
-    topics.ensure_topics(AdminClient(s.kafka()), topics.TopicPlan(s.partitions).core())
+    topics.ensure_topics(AdminClient(s.kafka()), topics.TopicPlan.of(s).core())
     name = f"bench-{ctx.model}"
     registry.deploy_model(s, name, str(ctx.model_path), input_dim=ctx.input_dim)
     for cached in (False, True):

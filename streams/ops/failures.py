@@ -73,7 +73,7 @@ def explain(exc: BaseException) -> str:
     """The one line for an exception a command raised."""
     from clipstream.models.control.registry import RegistryError
 
-    if isinstance(exc, Failure | RegistryError):
+    if isinstance(exc, Failure | RegistryError | topics.TopicRefused):
         return str(exc)
     if isinstance(exc, KafkaException):
         error = exc.args[0] if exc.args else None

@@ -13,6 +13,7 @@ Three sources, each the authority for its part:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 import time
@@ -198,6 +199,36 @@ def group_health(settings: Settings, models: list[str]) -> dict[str, dict[str, A
     return out
 
 
+def topic_health(settings: Settings) -> list[dict[str, Any]]:
+    """Replication of each clipstream topic: replicas, min.insync.replicas, and the
+    partitions whose in-sync replicas are fewer than their replicas or that have no leader."""
+    from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
+
+    admin = AdminClient(settings.kafka())
+    md = admin.list_topics(timeout=10).topics
+    names = sorted(n for n in md if n.startswith("clipstream") and md[n].error is None)
+    resources = [ConfigResource(ResourceType.TOPIC, n) for n in names]
+    insync: dict[str, int | None] = dict.fromkeys(names)
+    if resources:
+        for resource, future in admin.describe_configs(resources).items():
+            with contextlib.suppress(Exception):  # shown as unknown
+                insync[resource.name] = int(future.result(10)["min.insync.replicas"].value)
+    out = []
+    for name in names:
+        partitions = list(md[name].partitions.values())
+        out.append(
+            {
+                "topic": name,
+                "partitions": len(partitions),
+                "replication": min((len(p.replicas) for p in partitions), default=0),
+                "min_insync": insync[name],
+                "under_replicated": sum(len(p.isrs) < len(p.replicas) for p in partitions),
+                "offline": sum(p.leader < 0 for p in partitions),
+            }
+        )
+    return out
+
+
 def collect_status(settings: Settings, urls: list[str], window_s: float = 0.0) -> dict[str, Any]:
     """Everything ``clipstream status`` shows, as one JSON-able dict."""
     registry = current(settings)
@@ -260,6 +291,7 @@ def collect_status(settings: Settings, urls: list[str], window_s: float = 0.0) -
         "processes": processes,
         "models": models,
         "apps": apps,
+        "topics": topic_health(settings),
     }
 
 
@@ -309,7 +341,20 @@ def render(status: dict[str, Any]) -> list[Any]:
             _fmt(a["p99_ms"], ".1f"),
             weights or "-",
         )
+    kafka = Table(
+        "topic", "partitions", "replication", "min in-sync", "under-replicated", "offline",
+        title="topics",
+    )  # fmt: skip
+    for tp in status["topics"]:
+        kafka.add_row(
+            tp["topic"],
+            str(tp["partitions"]),
+            str(tp["replication"]),
+            _fmt(tp["min_insync"]),
+            str(tp["under_replicated"]),
+            str(tp["offline"]),
+        )
     procs = Table("metrics endpoint", "up", title="processes")
     for p in status["processes"]:
         procs.add_row(p["url"], "yes" if p["up"] else f"no: {p['error']}")
-    return [models, apps, procs]
+    return [models, apps, kafka, procs]

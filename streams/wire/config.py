@@ -1,7 +1,7 @@
 """Settings shared by every process, read from the environment (flags override them).
 
-Every Kafka client (confluent-kafka in the SDK and replicas, aiokafka inside Faust) is built
-from the same ``Settings`` so that TLS and SASL reach all of them."""
+Every Kafka client (the SDK's, the worker's, the replicas', the tools') is built from the same
+``Settings`` so that TLS and SASL reach all of them."""
 
 from __future__ import annotations
 
@@ -24,6 +24,11 @@ class Settings:
     bootstrap: str | None = None
     partitions: int = 4
     replica_partitions: int = 4
+    #: replicas per partition of the topics clipstream creates; 0: the cluster's
+    #: default.replication.factor. A worker refuses existing topics with fewer
+    replication_factor: int = 0
+    #: min.insync.replicas of the topics clipstream creates; 0: the cluster's default
+    min_insync_replicas: int = 0
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None

@@ -1,11 +1,13 @@
-"""The worker process: a serving loop, and a Faust app for the REST gateway.
+"""The worker process: a serving loop, and the REST gateway on an aiohttp web server.
 
 * The serving loop (worker.serving) owns the query path and the learning: queries, model
   answers, feedback and observations of the partitions the serving group gives this
   worker, read with librdkafka in a thread of its own; it folds the observations of the
   selection keys on its partitions and writes their states to the selection table's
   changelog (clipstream.streams.learning.learner).
-* The Faust app serves the REST gateway on its web server (clipstream.streams.gateway.server).
+* An asyncio loop of the main thread serves the REST gateway with aiohttp
+  (clipstream.streams.gateway.server); it also takes SIGTERM and SIGINT, and ends the
+  process when the serving loop stops on its own.
 
 Every worker reads every key's selection state from the table's changelog
 (learning.state_view), so queries of any app spread over all workers while each key's
@@ -14,23 +16,32 @@ state has one writer.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
 import threading
-from typing import Any
 
-import faust
 from confluent_kafka.admin import AdminClient
 
 from clipstream.models.control.registry import ControlFollower
 from clipstream.streams.gateway.auth import server_ssl_context
-from clipstream.streams.gateway.server import Gateway, mount
+from clipstream.streams.gateway.server import Gateway, WebServer
 from clipstream.streams.runtime import metrics
-from clipstream.streams.runtime.ports import free_port
 from clipstream.streams.wire import topics
 from clipstream.streams.wire.config import Settings
 from clipstream.streams.worker.serving import ServingLoop
 
 log = logging.getLogger("clipstream.worker")
+
+#: run_worker's ``loglevel``: the level of aiohttp's loggers (the web server's own)
+WEB_LOG_LEVELS = {
+    "crit": logging.CRITICAL,
+    "error": logging.ERROR,
+    "warn": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+}
 
 
 class Worker:
@@ -40,46 +51,17 @@ class Worker:
         self.settings = settings
         settings.require_bootstrap()
         self.admin = AdminClient(settings.kafka())
-        topics.ensure_topics(self.admin, topics.TopicPlan(settings.partitions).core())
+        topics.ensure_topics(self.admin, topics.TopicPlan.of(settings).core())
         self.sensor = metrics.Prometheus()
         self.follower = ControlFollower(settings, sensor=self.sensor)
         self.follower.sync()
         self.follower.start()
         self.registry = self.follower.registry
         self.serving = ServingLoop(settings, self.registry, self.sensor)
-        # Faust serves the web only, the REST gateway (streams/gateway/server.py) on its aiohttp
-        # server: the serving loop is the worker's one Kafka consumer and producer
-        self.app = faust.App(
-            topics.FAUST_APP,
-            web_enabled=True,
-            web_port=settings.web_port or free_port(),
-            web_ssl_context=server_ssl_context(settings),
-            # only the gateway: Faust's own pages would expose its internals
-            web_tables_enabled=False,
-            web_router_enabled=False,
-            web_graph_enabled=False,
-            web_stats_enabled=False,
-        )
-        # no Faust consumer (with no agents it would subscribe to nothing, which aiokafka
-        # refuses) and no Faust producer (idle, it would only hold a connection)
-        self.app.producer_only = True
-        self.app.boot_strategy = self.app.BootStrategy(self.app, enable_kafka=False)
+        ssl_context = server_ssl_context(settings)
         self._closed = threading.Event()
-        self._connect_lifecycle()
         self.gateway = Gateway(settings, self.registry)
-        mount(self.app, self.gateway)
-
-    def _connect_lifecycle(self) -> None:
-        app = self.app
-
-        @app.on_before_shutdown.connect
-        async def shutting_down(app: Any, **kwargs: Any) -> None:
-            self.serving.stop()
-
-        @app.timer(1.0)
-        async def watch_serving() -> None:
-            if self.serving.stopped.is_set() and not self.serving.stopping.is_set():
-                await app.crash(RuntimeError(f"the serving loop stopped: {self.serving.error!r}"))
+        self.web = WebServer(self.gateway, settings, ssl_context)
 
     def count_replicas(self) -> None:
         """Live replicas per model, from their consumer groups' members."""
@@ -107,6 +89,44 @@ class Worker:
         self.serving.start()
         threading.Thread(target=self._watch_replicas, name="replicas", daemon=True).start()
 
+    async def serve(self) -> BaseException | None:
+        """Serve the REST gateway and run the serving loop until SIGTERM or SIGINT (None),
+        or until the serving loop stops on its own (its error)."""
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._signalled, signum, done)
+        failed = False
+        port = await self.web.start()
+        try:
+            log.warning("REST gateway on :%d (%s)", port, self.gateway.describe())
+            self.start()
+            # a thread of its own waits on the serving loop: no timer wakes this loop
+            threading.Thread(
+                target=self._watch_serving, args=(loop, done), name="serving-watch", daemon=True
+            ).start()
+            await done.wait()
+            failed = not self.serving.stopping.is_set() and self.serving.stopped.is_set()
+            # no new connections; the serving loop drains (it answers the queries it holds,
+            # so REST calls waiting for them still get their predictions), commits and
+            # leaves its group
+            await self.web.stop_listening()
+            await asyncio.to_thread(self.serving.stop)
+        finally:
+            await self.web.close()
+        if failed:
+            return self.serving.error or RuntimeError("no error given")
+        return None
+
+    def _signalled(self, signum: int, done: asyncio.Event) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        done.set()
+
+    def _watch_serving(self, loop: asyncio.AbstractEventLoop, done: asyncio.Event) -> None:
+        self.serving.stopped.wait()
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the worker stopped
+            loop.call_soon_threadsafe(done.set)
+
     def close(self) -> None:
         self._closed.set()
         self.serving.stop()
@@ -115,18 +135,21 @@ class Worker:
 
 
 def run_worker(settings: Settings, loglevel: str = "warn") -> None:
-    """Run a worker in the foreground until SIGTERM/SIGINT."""
-    from faust.worker import Worker as FaustWorker
-
+    """Run a worker in the foreground until SIGTERM/SIGINT (then return, the serving loop
+    drained and its offsets committed). If the serving loop stops on its own, raise its
+    error (the command exits with 1). ``loglevel`` (crit, error, warn, info, debug) is the
+    level of aiohttp's loggers."""
+    logging.getLogger("aiohttp").setLevel(WEB_LOG_LEVELS[loglevel])
     port = metrics.serve(settings.metrics_port)
     log.warning("metrics on :%d", port)
     worker = Worker(settings)
-    log.warning("REST gateway on :%d (%s)", worker.app.conf.web_port, worker.gateway.describe())
-    worker.start()
     try:
-        faust_worker = FaustWorker(worker.app, loglevel=loglevel, quiet=True)
-        if not faust_worker.stdout.isatty():
-            faust_worker.spinner = None  # it writes cursor escape codes even into a log file
-        faust_worker.execute_from_commandline()
+        error = asyncio.run(worker.serve())
     finally:
         worker.close()
+    if error is not None:
+        # the serving loop logged its traceback; the command line says the error in one line
+        log.error("the serving loop stopped on its own: %r", error)
+        if isinstance(error, Exception):
+            raise error
+        raise RuntimeError(f"the serving loop stopped: {error!r}") from error
