@@ -30,6 +30,7 @@ from clipstream.streams.runtime import heap, metrics
 from clipstream.streams.wire import codec, topics
 from clipstream.streams.wire.clock import now_us
 from clipstream.streams.wire.config import Settings
+from clipstream.streams.wire.dead_letter import encode_dead_letter
 from clipstream.streams.wire.kafka import FETCH_WAIT_MS, consume_ready, group_session_timeout_ms
 
 log = logging.getLogger("clipstream.replica")
@@ -271,19 +272,14 @@ class Replica:
         metrics.DEAD_LETTERS.labels("replica").inc()
         producer.produce(
             topics.DEADLETTER,
-            codec.encode(
-                "DeadLetter",
-                {
-                    "source_topic": msg.topic(),
-                    "partition": msg.partition(),
-                    "offset": msg.offset(),
-                    "key": msg.key(),
-                    "value": msg.value(),
-                    "reason": reason,
-                    "stage": "replica",
-                    "query_id": None,
-                    "at_us": now_us(),
-                },
+            encode_dead_letter(
+                msg.topic(),
+                msg.partition(),
+                msg.offset(),
+                msg.key(),
+                msg.value(),
+                reason,
+                "replica",
             ),
         )
 

@@ -21,6 +21,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from clipstream.streams.wire import codec, topics
 from clipstream.streams.wire.clock import now_us
 from clipstream.streams.wire.config import Settings
+from clipstream.streams.wire.dead_letter import encode_dead_letter
 from clipstream.streams.wire.kafka import FETCH_WAIT_MS, consume_ready, watermarks
 from clipstream.streams.wire.limits import deadline_problem
 from clipstream.streams.wire.sensors import Sensor
@@ -231,18 +232,17 @@ class PredictionReader:
             query_id = key.decode() if key else None  # predictions are keyed by query id
         except UnicodeDecodeError:
             query_id = None
-        record = {
-            "source_topic": topics.PREDICTIONS,
-            "partition": msg.partition(),
-            "offset": msg.offset(),
-            "key": key,
-            "value": msg.value(),
-            "reason": reason,
-            "stage": "reader",
-            "query_id": query_id,
-            "at_us": now_us(),
-        }
-        self._dead_letters.produce(topics.DEADLETTER, codec.encode("DeadLetter", record), key)
+        record = encode_dead_letter(
+            topics.PREDICTIONS,
+            msg.partition(),
+            msg.offset(),
+            key,
+            msg.value(),
+            reason,
+            "reader",
+            query_id,
+        )
+        self._dead_letters.produce(topics.DEADLETTER, record, key)
         self._dead_letters.poll(0)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -32,7 +32,7 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_STORED, Consumer, Message, 
 
 from clipstream.streams.wire import topics
 from clipstream.streams.wire.config import Settings
-from clipstream.streams.wire.kafka import FETCH_WAIT_MS, watermarks
+from clipstream.streams.wire.kafka import FETCH_WAIT_MS, partition_watermarks, read_ranges
 
 #: a fetch returns once it has this much (a few hundred records: a burst need not wait,
 #: larger batches save little more); at a steady few hundred records a second the wait
@@ -177,27 +177,17 @@ class LearningFeed:
         reader = self._unheld_consumer("catch-up")
         read = 0
         try:
-            marks = self._watermarks(reader, self.partitions, timeout)
-            ends = self._ends(marks)
+            # a new client may ask before it knows a partition's leader: the helper waits
+            marks = partition_watermarks(
+                reader, topics.SELECTION_CHANGELOG, self.partitions, timeout
+            )
             # from the low mark, not OFFSET_BEGINNING: that costs a round trip more (0.6 s
             # to the first record instead of 0.2)
-            reader.assign(
-                [
-                    TopicPartition(topics.SELECTION_CHANGELOG, p, low)
-                    for p, (low, high) in marks.items()
-                    if high > low
-                ]
-            )
-            deadline = time.monotonic() + timeout
-            while not self.caught_up(ends) and time.monotonic() < deadline:
-                for msg in reader.consume(1000, 0.2):
-                    if msg.error() is None:
-                        self._apply(msg)
-                        read += 1
+            for msg in read_ranges(reader, topics.SELECTION_CHANGELOG, marks, timeout):
+                self._apply(msg)
+                read += 1
         finally:
             reader.close()
-        if not self.caught_up(ends):
-            raise TimeoutError(f"selection changelog not read to its end in {timeout}s")
         # incremental, as feedback and observations are added and taken away later
         self.consumer.incremental_assign(
             [
@@ -222,25 +212,11 @@ class LearningFeed:
         after 3.5 s, four partitions at 1000 ms), holding every query of the worker."""
         probe = self._unheld_consumer("ends")
         try:
-            marks = self._watermarks(probe, partitions, timeout)
+            marks = partition_watermarks(probe, topics.SELECTION_CHANGELOG, partitions, timeout)
         finally:
             probe.close()
-        return self._ends(marks)
-
-    @staticmethod
-    def _ends(marks: Mapping[int, tuple[int, int]]) -> dict[int, int]:
         # empty (or compacted away): nothing to read
         return {p: high if high > low else 0 for p, (low, high) in marks.items()}
-
-    @staticmethod
-    def _watermarks(
-        consumer: Consumer, partitions: list[int], timeout: float
-    ) -> dict[int, tuple[int, int]]:
-        # a new client may ask before it knows the partition's leader: watermarks() waits
-        return {
-            p: watermarks(consumer, TopicPartition(topics.SELECTION_CHANGELOG, p), timeout)
-            for p in partitions
-        }
 
     def _unheld_consumer(self, purpose: str) -> Consumer:
         """A short-lived consumer, in no group, whose fetches the broker answers at once."""

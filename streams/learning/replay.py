@@ -29,7 +29,7 @@ from clipstream.selection import SelectionState, selection_key
 from clipstream.streams.learning.learner import fold, observations_of_message
 from clipstream.streams.wire import codec, topics
 from clipstream.streams.wire.config import Settings
-from clipstream.streams.wire.kafka import consume_ready
+from clipstream.streams.wire.kafka import partition_watermarks, read_ranges
 from clipstream.streams.worker.merge import model_answers
 
 
@@ -66,34 +66,17 @@ def read_topic(
     )
     try:
         parts = consumer.list_topics(topic, timeout=30).topics[topic].partitions
-        ends: dict[int, int] = {}
-        assignment = []
-        for p in sorted(parts):
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
-            first = max(low, min(start(p, low, high), high))
+        ranges: dict[int, tuple[int, int]] = {}
+        for p, (low, high) in partition_watermarks(consumer, topic, sorted(parts), 30).items():
+            ranges[p] = (max(low, min(start(p, low, high), high)), high)
             if covered is not None and high > 0:
                 covered.last[p] = high - 1
-            if first < high:
-                ends[p] = high
-                assignment.append(TopicPartition(topic, p, first))
         if on_total is not None:
-            on_total(sum(ends[tp.partition] - tp.offset for tp in assignment))
-        if not assignment:
-            return
-        consumer.assign(assignment)
-        deadline = time.monotonic() + 600
-        while ends and time.monotonic() < deadline:
-            for msg in consume_ready(consumer, 1000, 0.5):
-                if msg.error() or msg.partition() not in ends:
-                    continue
-                if msg.offset() < ends[msg.partition()]:
-                    yield msg.partition(), msg.offset(), msg.key(), msg.value()
-                if on_progress is not None:
-                    on_progress(1)
-                if msg.offset() + 1 >= ends[msg.partition()]:
-                    del ends[msg.partition()]
-        if ends:
-            raise TimeoutError(f"{topic} partitions {sorted(ends)} not read within 600 s")
+            on_total(sum(end - first for first, end in ranges.values()))
+        for msg in read_ranges(consumer, topic, ranges, 600):
+            yield msg.partition(), msg.offset(), msg.key(), msg.value()
+            if on_progress is not None:
+                on_progress(1)
     finally:
         consumer.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Iterator, Mapping
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
@@ -54,6 +55,50 @@ def watermarks(consumer: Consumer, tp: TopicPartition, timeout: float) -> tuple[
             if exc.args[0].code() not in LEADER_MOVING or time.monotonic() > deadline:
                 raise
         time.sleep(0.1)
+
+
+def partition_watermarks(
+    consumer: Consumer, topic: str, partitions: Iterable[int], timeout: float
+) -> dict[int, tuple[int, int]]:
+    """(low, high) watermarks of each of ``topic``'s ``partitions`` (``watermarks``: asked
+    again while a leader settles)."""
+    return {p: watermarks(consumer, TopicPartition(topic, p), timeout) for p in partitions}
+
+
+def read_ranges(
+    consumer: Consumer,
+    topic: str,
+    ranges: Mapping[int, tuple[int, int]],
+    timeout: float,
+    *,
+    max_messages: int = 1000,
+) -> Iterator[Message]:
+    """The messages at offsets [start, end) of each partition of ``topic`` in ``ranges``
+    (partition -> (start, end); an end is usually a high watermark asked before), read with
+    ``consumer``, which this assigns to them; TimeoutError if they are not all read within
+    ``timeout`` seconds (the messages read until then have been yielded).
+
+    A partition is done at its last offset, or at the first message past its end: an
+    offset a compaction or a transaction marker took leaves a gap that may hide the last.
+    """
+    ends = {p: end for p, (start, end) in ranges.items() if start < end}
+    if not ends:
+        return
+    consumer.assign([TopicPartition(topic, p, ranges[p][0]) for p in sorted(ends)])
+    deadline = time.monotonic() + timeout
+    while ends:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{topic} partitions {sorted(ends)} not read within {timeout:g} s")
+        for msg in consume_ready(consumer, max_messages, 0.2):
+            p = msg.partition()
+            if msg.error() is not None or p not in ends:
+                continue
+            offset, end = msg.offset(), ends[p]
+            if offset + 1 >= end:
+                del ends[p]
+                if offset >= end:
+                    continue
+            yield msg
 
 
 def group_session_timeout_ms(settings: Settings) -> int:

@@ -5,15 +5,20 @@
 * ``AnswerMemory``: each consulted model's answer and weight per answered query of a
   learning app, which turns a feedback record into per-model losses (learning.learner).
 
-Both keep the most recent entries: entries restored from the predictions topic after a
-rebalance are older than anything answered live, so they go in at the old end and never
-push out a newer entry."""
+Both keep the most recent entries, by the time each was answered, whoever answered it.
+Entries restored from the predictions topic after a rebalance (worker.dedup) are not
+simply older than what is held: a worker taking over a crashed one's partitions holds its
+own answers from minutes back, and the predecessor's last answers are seconds old. So a
+restore merges by time: it keeps the newest ``capacity`` of both, whatever the fill (issue
+31: restored entries went in only while there was room, so a full memory took none)."""
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -27,25 +32,44 @@ class Remembered:
     at_us: int
 
 
-def _insert_old(items: OrderedDict, entries: list[tuple[str, object]], capacity: int) -> int:
-    """Put ``entries`` (oldest first) before everything in ``items`` while there is room;
-    returns how many went in."""
-    added = 0
-    for key, value in reversed(entries):
-        if len(items) >= capacity:
+def _restore(
+    items: OrderedDict[str, Any],
+    entries: list[tuple[str, Any]],
+    capacity: int,
+    at: Callable[[Any], int],
+) -> int:
+    """Merge ``entries`` (oldest first) into ``items`` (oldest first) by the time ``at`` of
+    each value, then evict the oldest beyond ``capacity``; returns how many of ``entries``
+    were kept. Only held entries not older than the oldest restored one are taken out and
+    merged back, so a restore of the last seconds costs what those seconds hold."""
+    if not entries:
+        return 0
+    since = at(entries[0][1])
+    tail: list[tuple[str, Any]] = []
+    while items:
+        key, value = items.popitem()
+        if at(value) < since:
+            items[key] = value  # the newest held entry older than the restore: back at the end
             break
+        tail.append((key, value))
+    tail.reverse()
+    restored = set()
+    for key, value in heapq.merge(tail, entries, key=lambda kv: at(kv[1])):
         if key in items:
-            continue
+            continue  # held, or restored twice: once is enough
         items[key] = value
-        items.move_to_end(key, last=False)
-        added += 1
-    return added
+        restored.add(key)
+    restored.difference_update(key for key, _ in tail)
+    while len(items) > capacity:
+        restored.discard(items.popitem(last=False)[0])
+    return len(restored)
 
 
 class EmittedIds:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._ids: OrderedDict[str, None] = OrderedDict()
+        #: id -> when it was answered (us)
+        self._ids: OrderedDict[str, int] = OrderedDict()
 
     def __contains__(self, qid: str) -> bool:
         return qid in self._ids
@@ -53,15 +77,25 @@ class EmittedIds:
     def __len__(self) -> int:
         return len(self._ids)
 
-    def add(self, qid: str) -> None:
+    def add(self, qid: str, at_us: int) -> None:
+        """``qid`` answered at ``at_us`` (the time a restore merges by)."""
         ids = self._ids
-        ids[qid] = None
+        ids[qid] = at_us
         if len(ids) > self.capacity:
             ids.popitem(last=False)
 
-    def restore(self, qids: Iterable[str]) -> int:
-        """Ids read back from the predictions topic, oldest first."""
-        return _insert_old(self._ids, [(q, None) for q in qids], self.capacity)
+    def restore(self, answered: Iterable[tuple[str, int]]) -> int:
+        """Ids read back from the predictions topic with the time each was answered, oldest
+        first; returns how many were kept."""
+        return _restore(self._ids, list(answered), self.capacity, _itself)
+
+
+def _itself(at_us: int) -> int:
+    return at_us
+
+
+def _first(entry: Entry) -> int:
+    return entry[0]
 
 
 #: a Remembered as the memory holds it: (at_us, key, app, labels' models, labels, probs'
@@ -105,8 +139,9 @@ class AnswerMemory:
             items.popitem(last=False)
 
     def restore(self, entries: list[tuple[str, Remembered]]) -> int:
-        """Entries read back from the predictions topic, oldest first."""
-        return _insert_old(self._items, [(q, _entry(r)) for q, r in entries], self.capacity)
+        """Entries read back from the predictions topic, oldest first; returns how many
+        were kept (merged with what is held by ``at_us``)."""
+        return _restore(self._items, [(q, _entry(r)) for q, r in entries], self.capacity, _first)
 
     def recall(self, qid: str, now_us: int) -> Remembered | None:
         found = self._items.get(qid)

@@ -3,9 +3,8 @@
 A query's offset is committed only once its prediction is delivered, so after a crash or a
 rebalance the queries past the committed offset are read again by the partition's next
 owner, some of them already answered. The mechanism here is idempotent de-duplication
-before the predictions topic (not Kafka transactions: the worker consumes with Faust's
-aiokafka consumer and produces in bulk with librdkafka, and a librdkafka transaction
-can only carry the offsets of a librdkafka consumer's group):
+before the predictions topic, not Kafka transactions (the serving loop consumes and
+produces with librdkafka: worker.serving):
 
 * a prediction is produced to the partition number of its query (the predictions topic has
   the queries topic's partition count), so what was answered for query partition ``p`` is
@@ -41,7 +40,7 @@ from clipstream.models.control.registry import Registry
 from clipstream.selection import selection_key
 from clipstream.streams.wire import codec, topics
 from clipstream.streams.wire.config import Settings
-from clipstream.streams.wire.kafka import consume_ready
+from clipstream.streams.wire.kafka import partition_watermarks, read_ranges
 from clipstream.streams.worker.answers import Remembered
 from clipstream.streams.worker.merge import model_answers
 
@@ -127,24 +126,22 @@ def _first_redelivered(consumer: Consumer, partitions: list[int]) -> dict[int, i
     the first of them: the first query the next owner reads again."""
     queries = [TopicPartition(topics.QUERIES, p) for p in partitions]
     committed = {tp.partition: tp.offset for tp in consumer.committed(queries, timeout=30)}
-    redelivered = []
-    for p in partitions:
-        low, high = consumer.get_watermark_offsets(TopicPartition(topics.QUERIES, p), timeout=30)
+    firsts: dict[int, tuple[int, int]] = {}
+    for p, (low, high) in partition_watermarks(consumer, topics.QUERIES, partitions, 30).items():
         c = committed.get(p, OFFSET_INVALID)
         c = low if c < 0 else max(c, low)
         if c < high:
-            redelivered.append(TopicPartition(topics.QUERIES, p, c))
+            firsts[p] = (c, c + 1)
     first: dict[int, int] = {}
-    if not redelivered:
+    if not firsts:
         return first
-    consumer.assign(redelivered)
-    deadline = time.monotonic() + 30
-    while len(first) < len(redelivered) and time.monotonic() < deadline:
-        for msg in consume_ready(consumer, 100, 0.2):
-            if msg.error() is None and msg.partition() not in first:
-                first[msg.partition()] = msg.timestamp()[1]
+    try:
+        for msg in read_ranges(consumer, topics.QUERIES, firsts, 30, max_messages=100):
+            first[msg.partition()] = msg.timestamp()[1]
+    except TimeoutError:
+        pass  # the partitions missing are read whole, below
     consumer.unassign()
-    missing = {tp.partition for tp in redelivered} - set(first)
+    missing = set(firsts) - set(first)
     if missing:
         # rather read all of a partition than miss an answered query
         log.warning("no timestamp for redelivered queries of %s: reading all", missing)
@@ -178,10 +175,9 @@ def _plan(consumer: Consumer, settings: Settings, partitions: list[int], now_ms:
     # the answer memory holds answer_memory entries over all partitions
     cap = max(1, settings.answer_memory // max(1, settings.partitions))
     out = Plan()
-    for p in partitions:
-        low, high = consumer.get_watermark_offsets(
-            TopicPartition(topics.PREDICTIONS, p), timeout=30
-        )
+    for p, (low, high) in partition_watermarks(
+        consumer, topics.PREDICTIONS, partitions, 30
+    ).items():
         # offsets_for_times gives -1 when nothing is that recent: nothing to read
         recent = recent_from.get(p, -1)
         recent = high if recent < 0 else max(low, recent)
@@ -199,39 +195,25 @@ def read(
     ranges: dict[int, tuple[int, int]],
     group: str,
     key_of: Callable[[Mapping[str, Any]], str],
-) -> tuple[list[tuple[str, Remembered | None]], Restored]:
-    """The query ids answered in these ranges of the predictions topic, each with its answer
-    memory entry (blocking I/O: the worker runs it in a thread and applies the result with
-    ``Pipeline.restore``)."""
+) -> tuple[list[tuple[str, int, Remembered | None]], Restored]:
+    """The query ids answered in these ranges of the predictions topic, each with the time
+    its prediction was emitted and its answer memory entry (blocking I/O: the worker runs
+    it in a thread and applies the result with ``Pipeline.restore``)."""
     started = time.monotonic()
     done = Restored()
-    found: list[tuple[str, Remembered | None]] = []
-    ends = {p: end for p, (start, end) in ranges.items() if start < end}
-    if not ends:
+    found: list[tuple[str, int, Remembered | None]] = []
+    if not any(start < end for start, end in ranges.values()):
         return found, done
     consumer = _consumer(settings, group)
     try:
-        consumer.assign([TopicPartition(topics.PREDICTIONS, p, ranges[p][0]) for p in sorted(ends)])
-        deadline = time.monotonic() + 300
-        while ends and time.monotonic() < deadline:
-            for msg in consume_ready(consumer, 1000, 0.2):
-                p = msg.partition()
-                if msg.error() is not None or p not in ends:
-                    continue
-                if msg.offset() >= ends[p]:  # past the range (a gap hid its last offset)
-                    del ends[p]
-                    continue
-                if msg.offset() + 1 >= ends[p]:
-                    del ends[p]
-                try:
-                    record = codec.decode("Prediction", msg.value())
-                except codec.DecodeError:
-                    continue
-                remembered = remembered_from(record, key_of(record))
-                found.append((record["query_id"], remembered))
-                done.predictions += 1
-        if ends:
-            raise TimeoutError(f"predictions partitions {sorted(ends)} not read within 300 s")
+        for msg in read_ranges(consumer, topics.PREDICTIONS, ranges, 300):
+            try:
+                record = codec.decode("Prediction", msg.value())
+            except codec.DecodeError:
+                continue
+            remembered = remembered_from(record, key_of(record))
+            found.append((record["query_id"], record["emitted_at_us"], remembered))
+            done.predictions += 1
     finally:
         consumer.close()
     done.seconds = time.monotonic() - started

@@ -21,7 +21,7 @@ from typing import Any
 from confluent_kafka import KafkaError
 
 from clipstream.streams.wire import codec, topics
-from clipstream.streams.wire.clock import now_us
+from clipstream.streams.wire.dead_letter import encode_dead_letter
 from clipstream.streams.wire.sensors import Sensor
 from clipstream.streams.worker.offsets import Offsets
 
@@ -129,18 +129,10 @@ class Emitter:
         """Record bad input with its original bytes; ``done`` is marked once it is safe."""
         self.counts["dead_letters"] += 1
         self.sensor.on_dead_letter(stage)
-        record = {
-            "source_topic": source_topic,
-            "partition": partition,
-            "offset": offset,
-            "key": key,
-            "value": value,
-            "reason": reason,
-            "stage": stage,
-            "query_id": query_id,
-            "at_us": now_us(),
-        }
-        out = Outgoing(topics.DEADLETTER, codec.encode("DeadLetter", record), key, -1, done)
+        record = encode_dead_letter(
+            source_topic, partition, offset, key, value, reason, stage, query_id
+        )
+        out = Outgoing(topics.DEADLETTER, record, key, -1, done)
         self._produce(out)
 
     def _produce(self, out: Outgoing) -> None:

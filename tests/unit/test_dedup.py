@@ -66,7 +66,7 @@ def test_a_restored_query_is_done_not_answered_again() -> None:
     other, other_producer = make_pipeline(registry)
     record = answered(other, other_producer, "q", 0)  # answered by another worker
     pipe, producer = make_pipeline(registry)
-    pipe.restore([("q", remembered_from(record, "app"))])
+    pipe.restore([("q", record["emitted_at_us"], remembered_from(record, "app"))])
     pipe.on_queries([query("q", offset=7)], now_us())
     assert not producer.sent
     assert pipe.counts["duplicates"] == 1
@@ -194,3 +194,25 @@ def test_plan_with_a_long_answer_memory_reads_the_rest_in_the_background() -> No
     plan = _plan(consumer, settings, [0], now)  # type: ignore[arg-type]
     assert plan.recent == {}
     assert plan.older == {0: (60, 100)}  # capped by the memory's capacity
+
+
+def test_a_takeover_with_full_memories_answers_once_and_accepts_feedback() -> None:
+    """Issue 31 through the pipeline: this worker's memories are full of its own answers
+    when it takes over a partition; the predecessor's answers restored from the log are
+    newer, so a redelivered query is not answered twice and its feedback is joined."""
+    registry = make_registry("EXP4", ("m1", "m2"))
+    other, other_producer = make_pipeline(registry)
+    pipe, producer = make_pipeline(registry, dedup_memory=4, answer_memory=4)
+    for i in range(6):  # the memories fill up, then evict
+        answered(pipe, producer, f"own{i}", 0)
+        producer.sent.clear()
+    assert len(pipe.emitted) == 4 and len(pipe.memory) == 4
+    record = answered(other, other_producer, "taken", 1)  # answered by the predecessor
+    assert record["emitted_at_us"] > 0
+    pipe.restore([("taken", record["emitted_at_us"], remembered_from(record, "app"))])
+    pipe.on_queries([query("taken", partition=1, offset=3)], now_us())
+    assert pipe.counts["duplicates"] == 1 and not producer.sent
+    pipe.on_feedback([fakes.feedback("taken", partition=1)], now_us())
+    (batch,) = producer.on(topics.OBSERVATIONS, "ObservationBatch")
+    assert [o["query_id"] for o in batch["observations"]] == ["taken"]
+    assert not producer.where(topics.DEADLETTER)

@@ -19,7 +19,7 @@ from clipstream.models.control.registry import Registry
 from clipstream.models.files import load_model, save_model
 from clipstream.streams.wire import codec
 from clipstream.streams.wire.config import Settings
-from clipstream.streams.worker.pipeline import _malformed_result
+from clipstream.streams.worker.answer_join import malformed_result as _malformed_result
 from tests.integration import misbehaving_models as bad
 from tests.unit.fuzz_counts import report_inputs, tried
 

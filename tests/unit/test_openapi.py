@@ -67,11 +67,11 @@ def test_one_deadline_bound_everywhere() -> None:
     """The gateway, the SDK's Client, the worker and this document share one bound."""
     from clipstream.streams.sdk import Client
     from clipstream.streams.wire import limits
-    from clipstream.streams.worker import pipeline
+    from clipstream.streams.worker import intake
 
     field = SPEC["components"]["schemas"]["PredictRequest"]["properties"]["deadline_ms"]
     assert (field["minimum"], field["maximum"]) == (1, MAX_DEADLINE_MS)
-    assert pipeline.deadline_problem is limits.deadline_problem  # the worker's own check
+    assert intake.deadline_problem is limits.deadline_problem  # the worker's own check
     # no broker: the client must refuse before it produces anything
     client = Client(Settings(bootstrap="127.0.0.1:9"), log_level=0)
     sent: list[tuple] = []

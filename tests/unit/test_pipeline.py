@@ -10,7 +10,7 @@ import pytest
 from clipstream.streams.wire import codec, topics
 from clipstream.streams.wire.clock import now_us
 from clipstream.streams.worker.emit import MAX_OBSERVATIONS_BYTES
-from clipstream.streams.worker.pipeline import MAX_CLIENT_SKEW_US
+from clipstream.streams.worker.intake import MAX_CLIENT_SKEW_US
 from tests.unit.fakes import (
     LOG_APPEND_TIME,
     FakeError,
