@@ -31,7 +31,12 @@ from clipstream.streams.wire import codec, topics
 from clipstream.streams.wire.clock import now_us
 from clipstream.streams.wire.config import Settings
 from clipstream.streams.wire.dead_letter import encode_dead_letter
-from clipstream.streams.wire.kafka import FETCH_WAIT_MS, consume_ready, group_session_timeout_ms
+from clipstream.streams.wire.kafka import (
+    FETCH_WAIT_MS,
+    consume_ready,
+    group_session_timeout_ms,
+    produce,
+)
 
 log = logging.getLogger("clipstream.replica")
 
@@ -259,7 +264,8 @@ class Replica:
             else:
                 log.error("answer to batch %s not delivered: %s", batch["batch_id"], err)
 
-        producer.produce(
+        produce(
+            producer,
             topics.RESPONSES,
             codec.encode("ModelBatchResult", result),
             batch["batch_id"].encode(),
@@ -270,7 +276,8 @@ class Replica:
 
     def _dead_letter(self, producer: Producer, msg: Message, reason: str) -> None:
         metrics.DEAD_LETTERS.labels("replica").inc()
-        producer.produce(
+        produce(
+            producer,
             topics.DEADLETTER,
             encode_dead_letter(
                 msg.topic(),

@@ -22,7 +22,7 @@ from clipstream.streams.wire import codec, topics
 from clipstream.streams.wire.clock import now_us
 from clipstream.streams.wire.config import Settings
 from clipstream.streams.wire.dead_letter import encode_dead_letter
-from clipstream.streams.wire.kafka import FETCH_WAIT_MS, consume_ready, watermarks
+from clipstream.streams.wire.kafka import FETCH_WAIT_MS, consume_ready, produce, watermarks
 from clipstream.streams.wire.limits import deadline_problem
 from clipstream.streams.wire.sensors import Sensor
 
@@ -113,12 +113,7 @@ class Client:
         self._produce(topics.FEEDBACK, codec.encode("Feedback", record), query_id.encode())
 
     def _produce(self, topic: str, value: bytes, key: bytes) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, value, key)
-                break
-            except BufferError:
-                self.producer.poll(0.05)  # local queue full: wait for deliveries to drain
+        produce(self.producer, topic, value, key)
         self.producer.poll(0)
 
     def flush(self, timeout: float = 30.0) -> None:

@@ -32,7 +32,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from clipstream.streams.wire import codec
 from clipstream.streams.wire.config import Settings
-from clipstream.streams.wire.kafka import consume_ready
+from clipstream.streams.wire.kafka import consume_ready, produce
 
 ARTIFACTS = "clipstream.artifacts"
 #: well under Kafka's default limit of 1 MB per message, with room for the record around it
@@ -128,14 +128,14 @@ def upload(
                     "data": data,
                 },
             )
-            while True:
-                try:
-                    producer.produce(
-                        ARTIFACTS, value, f"{digest}/{index}".encode(), 0, on_delivery=delivered
-                    )
-                    break
-                except BufferError:  # the local queue is full: let deliveries drain it
-                    producer.poll(0.1)
+            produce(
+                producer,
+                ARTIFACTS,
+                value,
+                f"{digest}/{index}".encode(),
+                partition=0,
+                on_delivery=delivered,
+            )
             producer.poll(0)
     left = producer.flush(timeout)
     if sent.hexdigest() != digest:

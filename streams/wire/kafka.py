@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
@@ -42,6 +43,17 @@ LEADER_MOVING = {
     KafkaError._UNKNOWN_PARTITION,
     KafkaError._UNKNOWN_TOPIC,
 }
+
+
+def produce(producer: Any, topic: str, value: bytes | None, key: bytes | None, **kw: Any) -> None:
+    """``producer.produce``, waiting for room when librdkafka's local queue is full (a
+    broker away for a while): BufferError is back-pressure, not a failure to report."""
+    while True:
+        try:
+            producer.produce(topic, value, key, **kw)
+            return
+        except BufferError:
+            producer.poll(0.05)  # deliveries drain the queue
 
 
 def watermarks(consumer: Consumer, tp: TopicPartition, timeout: float) -> tuple[int, int]:

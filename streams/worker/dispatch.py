@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from clipstream.streams.wire import codec, topics
+from clipstream.streams.wire.kafka import produce
 from clipstream.streams.wire.sensors import Sensor
 from clipstream.streams.worker.batching import AIMDController, BatchPolicy, BatchQueue
 from clipstream.streams.worker.pending import PendingQueries
@@ -174,7 +175,8 @@ class Dispatcher:
             "sent_at_us": now,
             "deadline_at_us": min(p.deadline_us for p in rows),
         }
-        self.producer.produce(
+        produce(
+            self.producer,
             topics.model_requests(model),
             codec.encode("ModelBatch", batch),
             batch_id.encode(),

@@ -7,8 +7,13 @@ states with the observations folded into them (a ``Group``); an input is marked 
 input whose result could still be lost.
 A produce Kafka refuses for good (a record too large for the topic,
 no permission) is retried once, then dead-lettered with the reason, and the input counts
-as done: one bad record must not stop its partition. A produce that only timed out (the
-broker unreachable) is retried until it is delivered: moving on would lose it."""
+as done: one bad record must not stop its partition. A produce that fails only for a
+while (the broker unreachable, a leader election) is never produced again from here: the
+idempotent producer retries it itself, in order, with no timeout (``PRODUCER_CONFIG``),
+whereas a second ``produce`` would land after records produced later to its partition (an
+older selection state after a newer one, which compaction would keep). If such a failure
+still reaches us (an operator set a delivery timeout), the emitter is ``broken``: the
+serving loop stops without committing past the record, and the next owner redoes it."""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from confluent_kafka import KafkaError
 
 from clipstream.streams.wire import codec, topics
 from clipstream.streams.wire.dead_letter import encode_dead_letter
+from clipstream.streams.wire.kafka import produce
 from clipstream.streams.wire.sensors import Sensor
 from clipstream.streams.worker.offsets import Offsets
 
@@ -30,6 +36,12 @@ log = logging.getLogger("clipstream.emit")
 Source = tuple[str, int, int]  # topic, partition, offset
 #: a message of observations is split above this size (the broker's default limit is 1 MB)
 MAX_OBSERVATIONS_BYTES = 256 << 10
+#: the worker's producer: librdkafka retries a record until it is delivered, in order
+PRODUCER_CONFIG = {"enable.idempotence": True, "message.timeout.ms": 0}
+
+
+class EmitterBroken(RuntimeError):
+    """A record failed for a while and cannot be produced again in its place in order."""
 
 
 class Group:
@@ -64,6 +76,8 @@ class Emitter:
         self.on_undeliverable: Callable[[Outgoing, str], None] | None = None
         #: called with each message of observations produced: its partition, bytes and records
         self.on_observation: Callable[[int, bytes, list[dict[str, Any]]], None] | None = None
+        #: why a record could not be delivered in order (the serving loop then stops)
+        self.broken: str | None = None
 
     def prediction(self, record: dict[str, Any], partition: int, source: Source | None) -> None:
         # A prediction goes to its query's partition number: worker.dedup rebuilds the
@@ -138,21 +152,17 @@ class Emitter:
     def _produce(self, out: Outgoing) -> None:
         out.attempts += 1
         where = {"partition": out.partition} if out.partition >= 0 else {}
-        while True:
-            try:
-                self.producer.produce(
-                    out.topic,
-                    out.value,
-                    out.key,
-                    on_delivery=partial(self._delivered, out),
-                    **where,
-                )
-                return
-            except BufferError:
-                self.producer.poll(0.01)  # local queue full: let deliveries drain
-            except Exception as exc:  # refused before it left: too large, unknown topic
-                self._failed(out, str(exc), permanent=True)
-                return
+        try:
+            produce(
+                self.producer,
+                out.topic,
+                out.value,
+                out.key,
+                on_delivery=partial(self._delivered, out),
+                **where,
+            )
+        except Exception as exc:  # refused before it left: too large, unknown topic
+            self._failed(out, str(exc), permanent=True)
 
     def _delivered(self, out: Outgoing, err: Any, msg: Any) -> None:
         if err is None:
@@ -164,8 +174,19 @@ class Emitter:
         timed_out = err.code() == KafkaError._MSG_TIMED_OUT or err.retriable()
         self._failed(out, str(err), permanent=not timed_out)
 
+    def check(self) -> None:
+        """Raise ``EmitterBroken`` if a record could not be delivered in its order."""
+        if self.broken is not None:
+            raise EmitterBroken(self.broken)
+
     def _failed(self, out: Outgoing, reason: str, permanent: bool) -> None:
-        if not permanent or out.attempts < 2:
+        if not permanent:
+            self.sensor.on_delivery_failed(out.topic, retried=False)
+            log.error("%s record not delivered in order (%s): stopping", out.topic, reason)
+            if self.broken is None:
+                self.broken = f"{out.topic} record not delivered ({reason})"
+            return
+        if out.attempts < 2:
             self.counts["redelivered"] += 1
             self.sensor.on_delivery_failed(out.topic, retried=True)
             log.warning("%s record not delivered (%s): producing it again", out.topic, reason)

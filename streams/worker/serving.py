@@ -41,6 +41,7 @@ from clipstream.streams.wire.config import Settings
 from clipstream.streams.wire.kafka import FETCH_WAIT_MS, consume_ready, group_session_timeout_ms
 from clipstream.streams.wire.sensors import Sensor
 from clipstream.streams.worker import dedup
+from clipstream.streams.worker.emit import PRODUCER_CONFIG
 from clipstream.streams.worker.handover import Handover
 from clipstream.streams.worker.pipeline import Pipeline
 
@@ -55,6 +56,9 @@ LEARN_CHUNK = 256
 IDLE_POLL_S = 0.1
 #: a clean stop waits this long at most for pending queries to be answered
 DRAIN_S = 2.0
+#: the first pause before a failed restore is tried again, and the longest
+RESTORE_RETRY_S = 0.5
+RESTORE_RETRY_MAX_S = 5.0
 
 
 class ServingLoop:
@@ -75,8 +79,8 @@ class ServingLoop:
         self.producer = Producer(
             settings.kafka(
                 **{
+                    **PRODUCER_CONFIG,
                     "linger.ms": 1,
-                    "enable.idempotence": True,
                     "partitioner": "murmur2_random",
                     "client.id": self.client_id,
                 }
@@ -188,6 +192,7 @@ class ServingLoop:
             self._resume_learning()
             wake = pipeline.tick(now_us())
             self.producer.poll(0)
+            self.pipeline.emitter.check()  # before a commit could pass what it lost
             self._maybe_commit()
         self._drain_and_close()
 
@@ -395,21 +400,35 @@ class ServingLoop:
         self.ready.set()
 
     def _restore(self, epoch: int, partitions: set[int]) -> None:
-        """In a thread of its own (blocking reads): what was answered for ``partitions``."""
+        """In a thread of its own (blocking reads): what was answered for ``partitions``.
+
+        A read that fails (a broker dying under it) is tried again until it succeeds or a
+        newer assignment makes it moot: serving a partition with an empty memory would
+        answer its redelivered queries twice and refuse their feedback, so the partition
+        rather stays paused, as Kafka leaves a partition without a leader unavailable."""
         key_of = dedup.key_function(self.registry)
-        try:
-            plan = dedup.plan(self.settings, partitions, self.group)
-            found, done = dedup.read(self.settings, plan.recent, self.group, key_of)
-            self.sensor.on_restore(done.seconds)
-            self._restores.put((epoch, "recent", partitions, found, done.seconds))
-            older, done = dedup.read(self.settings, plan.older, self.group, key_of)
-            self._restores.put((epoch, "older", partitions, older, done.seconds))
-        except Exception:
-            # serving on is better than stopping; a redelivered query may then be answered
-            # twice, which the SDK's reader still removes
-            log.exception("restoring answered queries of %s failed", sorted(partitions))
-            self._restores.put((epoch, "recent", partitions, [], 0.0))
-            self._restores.put((epoch, "older", partitions, [], 0.0))
+        recent_done = False
+        pause_s = RESTORE_RETRY_S
+        while not self.stopping.is_set() and self.handover.epoch == epoch:
+            try:
+                plan = dedup.plan(self.settings, partitions, self.group)
+                if not recent_done:
+                    found, done = dedup.read(self.settings, plan.recent, self.group, key_of)
+                    self.sensor.on_restore(done.seconds)
+                    self._restores.put((epoch, "recent", partitions, found, done.seconds))
+                    recent_done = True
+                older, done = dedup.read(self.settings, plan.older, self.group, key_of)
+                self._restores.put((epoch, "older", partitions, older, done.seconds))
+                return
+            except Exception as exc:
+                log.warning(
+                    "restoring answered queries of %s failed (%s): trying again in %.1f s",
+                    sorted(partitions),
+                    exc,
+                    pause_s,
+                )
+                self.stopping.wait(pause_s)
+                pause_s = min(pause_s * 2, RESTORE_RETRY_MAX_S)
 
     def _apply_restores(self) -> None:
         while True:

@@ -210,7 +210,8 @@ def check_promise(settings: Settings, load: Load) -> dict[str, int]:
 
     wait_for(lambda: learnt_everything(settings), 60, "feedback applied")
     replayed, counts = replay(settings, load.app, dry_run=True)
-    assert counts["applied"] == len(wanted), counts  # no feedback lost or unknown
+    if counts["applied"] != len(wanted):  # no feedback lost or unknown
+        raise AssertionError(f"{counts}: {feedback_fates(settings, load)}")
     expected = {key: state.to_state() for key, state in replayed.items()}
     personalised = registry.current(settings).app(load.app)["personalised"]
     keys = {f"{load.app}|{u}" for u in USERS} if personalised else {load.app}
@@ -290,6 +291,39 @@ def unanswered(settings: Settings, load: Load) -> str:
         f"{len(missing)} of {len(load.truth)} queries have no prediction; by partition "
         f"{dict(where)}, first offsets {first}; committed "
         f"{ {tp.partition: tp.offset for tp in committed} }; dead letters {dict(reasons)}"
+    )
+
+
+def feedback_fates(settings: Settings, load: Load) -> str:
+    """Where the feedback not applied went: never sent, dead-lettered, never joined into
+    an observation, or joined but written after a later one of its partition (skipped)."""
+    wanted = set(load.truth)
+    sent = {r["query_id"]: r for r in read_all(settings, topics.FEEDBACK, "Feedback", 30)}
+    dead = Counter(
+        f"{d['stage']}: {d['reason'][:60]}"
+        for d in read_all(settings, topics.DEADLETTER, "DeadLetter", 30)
+        if d["query_id"] in wanted
+    )
+    observed: Counter[str] = Counter()
+    order: dict[tuple[str, int], list[int]] = {}
+    for msg in read_to_end(settings, topics.OBSERVATIONS, timeout=30):
+        kind = codec.kind_of(msg.value(), ("ObservationBatch",))
+        if kind is None:
+            continue
+        for obs in codec.decode(kind, msg.value())["observations"]:
+            if obs["query_id"] in wanted:
+                observed[obs["query_id"]] += 1
+                order.setdefault((obs["key"], obs["feedback_partition"]), []).append(
+                    obs["feedback_offset"]
+                )
+    backwards = sum(
+        1 for offsets in order.values() for a, b in itertools.pairwise(offsets) if b < a
+    )
+    return (
+        f"{len(wanted - set(sent))} never sent, dead letters {dict(dead)}, "
+        f"{len(set(sent) & wanted - set(observed))} sent but never observed, "
+        f"{sum(n > 1 for n in observed.values())} observed more than once, "
+        f"{backwards} steps back in feedback offset within a key's partition"
     )
 
 

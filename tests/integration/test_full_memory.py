@@ -71,4 +71,5 @@ def test_a_worker_killed_with_full_memories_answers_once(deployed, processes, ki
         workers_serving(deployed, 2)
         progress(load, MEMORY, timeout=180)
         stats = check_promise(deployed, load)  # once each, no feedback refused or lost
-    assert stats["queries"] >= 5 * MEMORY
+    # at least what the progress steps above waited for: both memories wrapped twice over
+    assert stats["queries"] >= 4 * MEMORY + 800

@@ -9,7 +9,7 @@ import pytest
 
 from clipstream.streams.wire import codec, topics
 from clipstream.streams.wire.clock import now_us
-from clipstream.streams.worker.emit import MAX_OBSERVATIONS_BYTES
+from clipstream.streams.worker.emit import MAX_OBSERVATIONS_BYTES, PRODUCER_CONFIG, EmitterBroken
 from clipstream.streams.worker.intake import MAX_CLIENT_SKEW_US
 from tests.unit.fakes import (
     LOG_APPEND_TIME,
@@ -283,23 +283,24 @@ def test_a_refused_prediction_is_retried_then_dead_lettered_and_its_offset_moves
     assert committed(pipe) == {0: 1}  # the partition moves on
 
 
-def test_a_prediction_that_timed_out_is_produced_again_until_delivered() -> None:
+def test_a_prediction_that_timed_out_is_not_produced_again_out_of_order() -> None:
+    """A second produce would land after records produced later to its partition: the
+    emitter stops instead, and the offset never passes the record."""
     pipe, producer = make_pipeline()
     producer.fail[topics.PREDICTIONS] = FakeError(-192, retriable=True)  # _MSG_TIMED_OUT
     pipe.on_queries([query("q", deadline_ms=LONG)], now_us())
     pipe.tick(now_us())
     answer_batches(pipe, producer)
-    for _ in range(3):
-        callbacks = producer._callbacks
-        producer._callbacks = []
-        for message, cb in callbacks:
-            cb(producer.fail.get(message.topic()), message)
-    assert committed(pipe) == {}  # never given up: the broker may come back
-    del producer.fail[topics.PREDICTIONS]
     producer.poll()
-    assert committed(pipe) == {0: 1}
+    assert len(producer.on(topics.PREDICTIONS, "Prediction")) == 1  # produced once only
+    assert committed(pipe) == {}
     assert not producer.on(topics.DEADLETTER, "DeadLetter")
-    assert {p["query_id"] for p in producer.on(topics.PREDICTIONS, "Prediction")} == {"q"}
+    with pytest.raises(EmitterBroken, match=r"clipstream\.predictions record not delivered"):
+        pipe.emitter.check()
+
+
+def test_the_workers_producer_retries_in_order_without_a_timeout() -> None:
+    assert PRODUCER_CONFIG == {"enable.idempotence": True, "message.timeout.ms": 0}
 
 
 def test_feedback_becomes_observations_one_message_per_keys_partition() -> None:
