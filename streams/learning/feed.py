@@ -23,16 +23,27 @@ clean stop finds nothing folded and unwritten."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_STORED, Consumer, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_STORED,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from clipstream.streams.wire import topics
 from clipstream.streams.wire.config import Settings
 from clipstream.streams.wire.kafka import FETCH_WAIT_MS, partition_watermarks, read_ranges
+
+log = logging.getLogger("clipstream.learning")
 
 #: a fetch returns once it has this much (a few hundred records: a burst need not wait,
 #: larger batches save little more); at a steady few hundred records a second the wait
@@ -125,7 +136,12 @@ class LearningFeed:
         learned = []
         now_ms = time.time() * 1000
         for msg in msgs:
-            if msg.error() is not None:
+            err = msg.error()
+            if err is not None:
+                if err.fatal():
+                    raise KafkaException(err)
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("learning feed: %s", err)
                 continue
             if msg.topic() != topics.SELECTION_CHANGELOG:
                 learned.append(msg)

@@ -58,8 +58,12 @@ STATE_STALENESS = Histogram(
 )
 DELIVERY_FAILURES = Counter(
     "clipstream_delivery_failures_total",
-    "Produces Kafka refused, by topic and what was done (retried | dead_lettered)",
+    "Produces Kafka refused, by topic and what was done (retried | dead_lettered | stopped)",
     ["topic", "action"],
+)
+COMMIT_FAILURES = Counter(
+    "clipstream_commit_failures_total",
+    "Commits of consumed offsets the broker did not take (the next commit retries them)",
 )
 CACHE = Counter("clipstream_cache_total", "Prediction cache look-ups", ["model", "result"])
 DEADLINE_MISSES = Counter(
@@ -162,8 +166,11 @@ class Prometheus(Sensor):
     def on_dead_letter(self, stage: str) -> None:
         _child(DEAD_LETTERS, stage).inc()
 
-    def on_delivery_failed(self, topic: str, retried: bool) -> None:
-        _child(DELIVERY_FAILURES, topic, "retried" if retried else "dead_lettered").inc()
+    def on_delivery_failed(self, topic: str, action: str) -> None:
+        _child(DELIVERY_FAILURES, topic, action).inc()
+
+    def on_commit_failed(self) -> None:
+        COMMIT_FAILURES.inc()
 
     def on_batch_sent(self, model: str, rows: int) -> None:
         _child(BATCH_SIZE, model).observe(rows)

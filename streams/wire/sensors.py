@@ -33,8 +33,12 @@ class Sensor:
 
     def on_dead_letter(self, stage: str) -> None: ...
 
-    def on_delivery_failed(self, topic: str, retried: bool) -> None:
-        """A produce that Kafka refused: retried once, else dead-lettered."""
+    def on_delivery_failed(self, topic: str, action: str) -> None:
+        """A produce that Kafka refused: ``retried`` once, else ``dead_lettered``; or one
+        that failed only for a while and cannot be re-sent in order: ``stopped``."""
+
+    def on_commit_failed(self) -> None:
+        """A commit of consumed offsets that the broker did not take (the next retries)."""
 
     # -- batches ----------------------------------------------------------------------
     def on_batch_sent(self, model: str, rows: int) -> None: ...

@@ -181,18 +181,18 @@ class Emitter:
 
     def _failed(self, out: Outgoing, reason: str, permanent: bool) -> None:
         if not permanent:
-            self.sensor.on_delivery_failed(out.topic, retried=False)
+            self.sensor.on_delivery_failed(out.topic, "stopped")
             log.error("%s record not delivered in order (%s): stopping", out.topic, reason)
             if self.broken is None:
                 self.broken = f"{out.topic} record not delivered ({reason})"
             return
         if out.attempts < 2:
             self.counts["redelivered"] += 1
-            self.sensor.on_delivery_failed(out.topic, retried=True)
+            self.sensor.on_delivery_failed(out.topic, "retried")
             log.warning("%s record not delivered (%s): producing it again", out.topic, reason)
             self._produce(out)
             return
-        self.sensor.on_delivery_failed(out.topic, retried=False)
+        self.sensor.on_delivery_failed(out.topic, "dead_lettered")
         log.error("%s record not delivered after %d attempts: %s", out.topic, out.attempts, reason)
         if self.on_undeliverable is not None:
             self.on_undeliverable(out, reason)

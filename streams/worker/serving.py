@@ -303,9 +303,16 @@ class ServingLoop:
             else:
                 self.consumer.commit(offsets=tps, asynchronous=True)
         except Exception as exc:  # e.g. a rebalance is under way: the next commit retries
+            self.sensor.on_commit_failed()
             log.info("commit of %d offsets not done: %s", len(tps), exc)
 
     def _on_commit(self, err: Any, partitions: list[TopicPartition]) -> None:
+        if err is not None and err.code() != KafkaError._NO_OFFSET:
+            # the offsets stay uncommitted and go with the next commit; a takeover before
+            # then redoes their inputs (de-duplicated), so this is a delay, not a loss
+            self.sensor.on_commit_failed()
+            log.warning("commit of %d offsets failed: %s", len(partitions), err)
+            return
         if err is not None:
             return
         self.pipeline.offsets.mark_committed(
