@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 
 import numpy as np
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 
 from clipstream.selection import SelectionState
+from clipstream.streams.learning.feed import LearningFeed
 from clipstream.streams.learning.learner import ChangelogStore, Learner
 from clipstream.streams.learning.replay import Observed, observations_of, rebuild
 from clipstream.streams.learning.state_view import StateView
@@ -353,3 +356,50 @@ def test_a_flush_with_nothing_to_write_makes_its_observations_done_at_once() -> 
     offsets.read(topics.OBSERVATIONS, 0, 7)
     Emitter(producer, offsets, Sensor()).states([], [(topics.OBSERVATIONS, 0, 7)])
     assert producer.sent == [] and offsets.to_commit() == {(topics.OBSERVATIONS, 0): 8}
+
+
+class _FeedError:
+    def __init__(self, code: int, fatal: bool) -> None:
+        self._code, self._fatal = code, fatal
+
+    def code(self) -> int:
+        return self._code
+
+    def fatal(self) -> bool:
+        return self._fatal
+
+
+class _ErrorMessage:
+    def __init__(self, err: _FeedError) -> None:
+        self._err = err
+
+    def error(self) -> _FeedError:
+        return self._err
+
+
+class _Fetched:
+    def __init__(self, messages: list) -> None:
+        self.messages = messages
+
+    def consume(self, n: int, timeout: float) -> list:
+        out, self.messages = self.messages[:n], self.messages[n:]
+        return out
+
+
+def _feed_over(messages: list) -> LearningFeed:
+    feed = object.__new__(LearningFeed)  # no broker: only drain() is under test
+    feed.consumer = _Fetched(messages)
+    return feed
+
+
+def test_the_learning_feed_stops_on_a_fatal_consumer_error() -> None:
+    feed = _feed_over([_ErrorMessage(_FeedError(KafkaError._FENCED, fatal=True))])
+    with pytest.raises(KafkaException):
+        feed.drain(10)
+
+
+def test_the_learning_feed_logs_a_passing_consumer_error_and_goes_on(caplog) -> None:
+    feed = _feed_over([_ErrorMessage(_FeedError(KafkaError._TRANSPORT, fatal=False))])
+    with caplog.at_level(logging.WARNING, logger="clipstream.learning"):
+        assert feed.drain(10) == []
+    assert "learning feed" in caplog.text
