@@ -53,7 +53,29 @@ def model() -> None:
     default=None,
     help="the digest the file must have; for a URI, saves reading it once to compute it",
 )
-def model_deploy(name: str, source: str, method: str, fmt: str, **opts: Any) -> None:
+@click.option(
+    "--compile",
+    "compile_to",
+    type=click.Choice(["onnx"]),
+    default=None,
+    help="convert a skops model with skl2onnx and serve the graph if it answers the same on "
+    "sample rows (else say why and serve the file as it is)",
+)
+@click.option(
+    "--compile-sample",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="rows to compare the compiled graph on (.npy or CSV); default: random rows",
+)
+def model_deploy(
+    name: str,
+    source: str,
+    method: str,
+    fmt: str,
+    compile_to: str | None,
+    compile_sample: Path | None,
+    **opts: Any,
+) -> None:
     """Deploy SOURCE as the next version of NAME and serve it. SOURCE is a local file, whose
     bytes are uploaded to the cluster (topic clipstream.artifacts), or a URI that replicas
     download (s3://, gs://, https://, file://); either way replicas check its SHA-256."""
@@ -65,6 +87,17 @@ def model_deploy(name: str, source: str, method: str, fmt: str, **opts: Any) -> 
         if not path.exists() or path.is_dir():
             fail(f"no model file at {source}")
         source = str(path.resolve())
+    if compile_to is not None:
+        from clipstream.models.onnx_compile import compile_onnx
+
+        if is_uri(source):
+            fail("--compile needs a local model file, not a URI")
+        try:
+            compiled = compile_onnx(source, fmt, method, opts["input_dim"], sample=compile_sample)
+        except (ValueError, OSError) as exc:
+            fail(f"cannot compile {source}: {exc}")
+        click.echo(compiled.explanation)
+        source, fmt = compiled.path, compiled.fmt
     try:
         spec = deploy_model(settings_for(), name, source, method=method, fmt=fmt, **opts)
     except RegistryError as exc:
