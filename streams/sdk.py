@@ -8,12 +8,14 @@ every worker, whoever the user is.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Container, Iterator, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Container, Iterator, Sequence
+from concurrent.futures import Future, InvalidStateError
+from functools import partial
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -251,17 +253,29 @@ class PredictionReader:
 
 
 class Predictor:
-    """Request/response over Kafka: ``predict()`` sends a query and waits for its answer."""
+    """Request/response over Kafka: ``predict()`` sends a query and waits for its answer.
+
+    One background thread reads clipstream.predictions and hands each awaited prediction
+    over to whoever waits for its query id: a ``concurrent.futures.Future`` here, an asyncio
+    future in ``clipstream.streams.sdk_async.AsyncPredictor`` (which is built on this one).
+    A query is forgotten once its prediction came, once ``predict`` timed out, or once the
+    caller cancelled the future of ``submit``: ``waiting`` counts the rest."""
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self.client = Client(self.settings)
         self.reader = PredictionReader(self.settings)
-        self._waiting: dict[str, Future[dict[str, Any]]] = {}
+        #: query id -> what to call with its prediction (in the reader thread)
+        self._waiting: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="predictions", daemon=True)
         self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        """Queries sent whose prediction has neither come nor been given up on."""
+        return len(self._waiting)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -272,28 +286,65 @@ class Predictor:
                 continue
             for record in records:
                 with self._lock:
-                    future = self._waiting.pop(record["query_id"], None)
-                if future is not None:
-                    future.set_result(record)
+                    hand_over = self._waiting.pop(record["query_id"], None)
+                if hand_over is None:
+                    continue
+                try:
+                    hand_over(record)
+                except Exception:  # e.g. an asyncio caller's loop closed: not the others' loss
+                    log.exception("handing over the prediction of %s", record["query_id"])
 
-    def submit(self, app: str, features: Sequence[float], **kw: Any) -> Future[dict[str, Any]]:
-        qid = kw.pop("query_id", None) or uuid.uuid4().hex
-        future: Future[dict[str, Any]] = Future()
+    def _send(
+        self,
+        app: str,
+        features: Sequence[float],
+        qid: str,
+        hand_over: Callable[[dict[str, Any]], None],
+        kw: dict[str, Any],
+    ) -> None:
+        """Wait for ``qid`` (before it is sent, so its answer cannot be missed), then send it.
+        ``hand_over`` is called once, in the reader thread, with its prediction."""
         with self._lock:
-            self._waiting[qid] = future
+            if qid in self._waiting:
+                raise ValueError(f"query id {qid!r} is already waiting for its prediction")
+            self._waiting[qid] = hand_over
         try:
             self.client.send_query(app, features, query_id=qid, **kw)
         except Exception:
-            with self._lock:
-                self._waiting.pop(qid, None)
+            self._forget(qid)
             raise
+
+    def _forget(self, qid: str) -> bool:
+        """Stop waiting for ``qid``; False if its prediction was already taken for handing
+        over (it is on its way to the caller)."""
+        with self._lock:
+            return self._waiting.pop(qid, None) is not None
+
+    def submit(self, app: str, features: Sequence[float], **kw: Any) -> Future[dict[str, Any]]:
+        """Send a query; the future resolves with its prediction. Cancelling the future
+        forgets the query. Arguments as ``Client.send_query``'s."""
+        qid = kw.pop("query_id", None) or uuid.uuid4().hex
+        future: Future[dict[str, Any]] = Future()
+        future.add_done_callback(lambda f: f.cancelled() and self._forget(qid))
+        self._send(app, features, qid, partial(_settle, future), kw)
         self.client.producer.flush(5)
         return future
 
     def predict(
-        self, app: str, features: Sequence[float], timeout: float = 10.0, **kw: Any
+        self, app: str, features: Sequence[float], timeout: float | None = 10.0, **kw: Any
     ) -> dict[str, Any]:
-        return self.submit(app, features, **kw).result(timeout)
+        """Send a query and return its prediction. The worker answers every query by its
+        deadline, with the app's default output (``default`` true) when no model could;
+        ``TimeoutError`` after ``timeout`` seconds means no answer came at all (no worker
+        serves, say): the query is forgotten and a later prediction for it dropped."""
+        qid = kw.pop("query_id", None) or uuid.uuid4().hex
+        future = self.submit(app, features, query_id=qid, **kw)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            if self._forget(qid):
+                raise
+            return future.result(5)  # it came just as the time ran out
 
     def close(self) -> None:
         self._stop.set()
@@ -306,3 +357,8 @@ class Predictor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _settle(future: Future[dict[str, Any]], record: dict[str, Any]) -> None:
+    with contextlib.suppress(InvalidStateError):  # cancelled by its caller meanwhile
+        future.set_result(record)

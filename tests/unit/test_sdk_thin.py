@@ -73,8 +73,10 @@ def test_the_sdk_works_with_the_base_install_alone() -> None:
         """
 from clipstream.streams.wire.config import Settings
 from clipstream.streams.sdk import Client, PredictionReader, Predictor
+from clipstream.streams.sdk_async import AsyncClient, AsyncPredictor
 from clipstream.streams.wire import codec
 Client(Settings(bootstrap="127.0.0.1:1"))  # builds its producer; connects lazily
+AsyncClient(Settings(bootstrap="127.0.0.1:1"))
 query = {"query_id": "q", "app": "digits", "user": None, "features": [1.0, 2.0], "raw": None,
          "text": None, "sent_at_us": 1, "deadline_ms": None}
 assert codec.decode("Query", codec.encode("Query", query)) == query
