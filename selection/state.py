@@ -41,11 +41,18 @@ class SelectionState:
     @classmethod
     def following(cls, state: SelectionState | None, app: Mapping[str, Any]) -> SelectionState:
         """``state`` made to follow the app's current spec: a new policy starts afresh, a
-        changed model list keeps the weights of the models that stay."""
+        changed model list keeps the weights of the models that stay, and a re-registered
+        app's new ``eta`` (and Exp3's ``gamma``) apply from the next observation on, over the
+        weights learnt so far."""
         if state is None or state.policy != app["policy"]:
             return cls.for_app(app)
         if state.models != app["models"]:
             state.sync_models(list(app["models"]))
+        algo = state.algo
+        if algo is not None and algo.eta != float(app["eta"]):
+            algo.eta = float(app["eta"])
+        if isinstance(algo, Exp3) and algo.gamma != float(app["gamma"]):
+            algo.gamma = float(app["gamma"])
         return state
 
     @classmethod

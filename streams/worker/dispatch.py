@@ -55,6 +55,8 @@ class Dispatcher:
         self.idle_wait_us = idle_wait_us
         self.queues: dict[tuple[str, int], BatchQueue[str]] = {}
         self.policies: dict[str, BatchPolicy] = {}
+        #: the (latency objective, batch max, batch wait) each model's policy was made for
+        self.policy_specs: dict[str, tuple[float, int, float]] = {}
         #: batches sent and not answered, oldest first
         self.batches: OrderedDict[str, InFlight] = OrderedDict()
         self.inflight: dict[str, int] = {}
@@ -72,7 +74,10 @@ class Dispatcher:
         queue = self.queues.get((model, version))
         if queue is None:
             queue = self.queues[(model, version)] = BatchQueue()
-        if model not in self.policies:
+        wanted = (spec["latency_slo_ms"], spec["batch_max"], spec["batch_wait_ms"])
+        if self.policy_specs.get(model) != wanted:
+            # a redeploy's batch settings take effect at once (the AIMD limit starts again)
+            self.policy_specs[model] = wanted
             self.policies[model] = BatchPolicy(
                 AIMDController(
                     slo_us=spec["latency_slo_ms"] * 1000,

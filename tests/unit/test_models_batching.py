@@ -85,3 +85,18 @@ def test_queue_hands_out_oldest_rows_and_keeps_the_oldest_arrival() -> None:
     assert q.retain(lambda i: i % 2 == 0) == 3
     assert q.take(10) == [4, 6, 8]
     assert len(q) == 0 and q.oldest_us is None
+
+
+def test_a_redeployed_models_batch_settings_take_effect_at_once() -> None:
+    from clipstream.streams.wire.sensors import Sensor
+    from clipstream.streams.worker.dispatch import Dispatcher
+
+    dispatcher = Dispatcher(producer=None, sensor=Sensor())
+    spec = {"latency_slo_ms": 20.0, "batch_max": 64, "batch_wait_ms": 2.0}
+    dispatcher.enqueue("m", 1, spec, "q1", 0)
+    first = dispatcher.policies["m"]
+    dispatcher.enqueue("m", 1, spec, "q2", 1)
+    assert dispatcher.policies["m"] is first  # unchanged settings: the same AIMD state
+    dispatcher.enqueue("m", 2, {**spec, "batch_max": 8, "batch_wait_ms": 0.5}, "q3", 2)
+    assert dispatcher.policies["m"] is not first
+    assert dispatcher.policies["m"].controller.max_size == 8

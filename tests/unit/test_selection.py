@@ -138,3 +138,16 @@ def test_combine_aligns_classes_by_name_and_skips_missing() -> None:
     assert combine([None, None], [None, None], [[], []], np.ones(2)).label is None
     tie = combine(["b", "a"], [None, None], [[], []], np.array([1.0, 1.0]))
     assert tie.label == "a"  # ties break by name, not by arrival order
+
+
+@pytest.mark.parametrize("policy", ["EXP3", "EXP4"])
+def test_a_reregistered_apps_eta_and_gamma_apply_over_the_weights_learnt(policy: str) -> None:
+    app = {"policy": policy, "models": ["a", "b"], "eta": 0.1, "gamma": 0.05}
+    state = SelectionState.following(None, app)
+    state.learn({"a": "1", "b": "0"}, "1", {"a": 0.9, "b": 0.8})
+    learnt = list(state.algo.logw)
+    again = SelectionState.following(state, {**app, "eta": 0.5, "gamma": 0.2})
+    assert again is state and list(again.algo.logw) == learnt  # weights kept
+    assert again.algo.eta == 0.5
+    if policy == "EXP3":
+        assert again.algo.gamma == 0.2
