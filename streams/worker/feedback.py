@@ -1,10 +1,17 @@
 """The feedback join: a feedback record meets the answers its query got (the answer
 memory of the worker that answered it) and becomes an observation, sent one message per
 observations partition to the owner of its selection key (learning.learner); feedback
-that cannot be joined is dead-lettered with the reason."""
+that cannot be joined is dead-lettered with the reason.
+
+Feedback can come before its answer (a client that knows the label at once, a query still
+waiting for a slow model): it is parked until the query is answered, at its deadline at the
+latest, and the rest of its partition waits behind it, because observations of one
+feedback partition must go out in offset order (the learner skips any at or below the
+highest offset it applied)."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,6 +24,7 @@ from clipstream.streams.worker.answers import AnswerMemory, EmittedIds
 from clipstream.streams.worker.emit import Emitter, Source
 from clipstream.streams.worker.inputs import Inputs, MessageLike, app_label
 from clipstream.streams.worker.offsets import Offsets
+from clipstream.streams.worker.pending import PendingQueries
 
 #: per observations partition: the observations made, and the feedback they finish
 Made = dict[int, tuple[list[dict[str, Any]], list[Source]]]
@@ -34,8 +42,13 @@ class FeedbackJoin:
         emitted: EmittedIds,
         memory: AnswerMemory,
         inputs: Inputs,
+        pending: PendingQueries,
     ) -> None:
         self.partitions = settings.partitions
+        self.pending = pending
+        #: per feedback partition, feedback waiting for its query's answer (the first) and
+        #: the feedback read after it
+        self.parked: dict[int, deque[tuple[MessageLike, dict[str, Any]]]] = {}
         self.registry = registry
         self.sensor = sensor
         self.offsets = offsets
@@ -53,6 +66,33 @@ class FeedbackJoin:
             self._feedback(msg, now, made)
 
         self.inputs.each(messages, now, feedback, topics.FEEDBACK, "feedback")
+        self._send(made)
+
+    def unpark(self, now: int) -> None:
+        """Join the parked feedback whose query has been answered since, in order."""
+        if not self.parked:
+            return
+        made: Made = {}
+        for partition in list(self.parked):
+            queue = self.parked[partition]
+            while queue and queue[0][1]["query_id"] not in self.pending:
+                msg, fb = queue.popleft()
+                try:
+                    self._join(msg, fb, now, made)
+                except Exception as exc:  # as Inputs.each: one record must not stop the rest
+                    self.inputs.dead_letter(
+                        topics.FEEDBACK, msg, f"internal error: {exc!r}", "feedback"
+                    )
+            if not queue:
+                del self.parked[partition]
+        self._send(made)
+
+    def drop(self, partitions: set[int]) -> None:
+        """Partitions given up: their parked feedback is read again by their next owner."""
+        for partition in partitions:
+            self.parked.pop(partition, None)
+
+    def _send(self, made: Made) -> None:
         observed: dict[str, int] = {}
         for partition, (records, sources) in made.items():
             self.emitter.observations(partition, records, sources)
@@ -68,6 +108,17 @@ class FeedbackJoin:
         if fb is None:
             self.sensor.on_feedback(UNKNOWN, "invalid")
             return
+        queue = self.parked.get(partition)
+        if queue is not None:  # behind feedback that waits for its answer
+            queue.append((msg, fb))
+            return
+        if fb["query_id"] in self.pending:  # not answered yet: at its deadline at the latest
+            self.parked[partition] = deque([(msg, fb)])
+            return
+        self._join(msg, fb, now, made)
+
+    def _join(self, msg: MessageLike, fb: dict[str, Any], now: int, made: Made) -> None:
+        partition, offset = msg.partition(), msg.offset()
         app = self.registry.app(fb["app"])
         remembered = self.memory.recall(fb["query_id"], now)
         reason = None

@@ -125,6 +125,7 @@ class Pipeline:
             emitted=emitted,
             memory=memory,
             inputs=inputs,
+            pending=pending,
         )
         self._next_prune = 0
         self._next_report = 0
@@ -153,6 +154,7 @@ class Pipeline:
                 continue
             self.sensor.on_deadline_miss(p.app)
             emit(p, now)
+        self.feedback.unpark(now)
         dispatch = self.dispatch
         dispatch.expire(now)
         if now >= self._next_prune:
@@ -176,6 +178,7 @@ class Pipeline:
         self.moves.thaw(partitions, now)
 
     def drop(self, partitions: set[int]) -> int:
+        self.feedback.drop(partitions)
         return self.moves.drop(partitions)
 
     def restore(self, found: list[tuple[str, int, Remembered | None]]) -> None:

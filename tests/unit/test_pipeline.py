@@ -362,6 +362,45 @@ def test_observations_of_large_feedback_are_split_under_the_message_limit() -> N
     assert committed(pipe, topics.FEEDBACK) == {0: 4}
 
 
+def test_feedback_before_its_answer_waits_for_it_and_its_partition_keeps_order() -> None:
+    pipe, producer = make_pipeline(make_registry("EXP4", ("m1", "m2")))
+    pipe.on_queries([query("answered", deadline_ms=LONG)], now_us())
+    pipe.tick(now_us())
+    answer_batches(pipe, producer)
+    # other features: not answered from the cache
+    pipe.on_queries([query("waiting", [4.0, 5.0, 6.0], deadline_ms=LONG, offset=1)], now_us())
+    pipe.tick(now_us())
+    assert "waiting" in pipe.pending
+    # the label is known before the models answered; feedback behind it waits with it
+    pipe.on_feedback([feedback("waiting", offset=0), feedback("answered", offset=1)], now_us())
+    pipe.tick(now_us())
+    assert producer.on(topics.OBSERVATIONS, "ObservationBatch") == []
+    assert producer.on(topics.DEADLETTER, "DeadLetter") == []
+    producer.poll()
+    assert committed(pipe, topics.FEEDBACK) == {}
+    answer_batches(pipe, producer)
+    pipe.tick(now_us())
+    made = [
+        (o["query_id"], o["feedback_offset"])
+        for batch in producer.on(topics.OBSERVATIONS, "ObservationBatch")
+        for o in batch["observations"]
+    ]
+    assert made == [("waiting", 0), ("answered", 1)]  # in the partition's order
+    producer.poll()
+    assert committed(pipe, topics.FEEDBACK) == {0: 2}
+
+
+def test_feedback_parked_on_a_partition_given_up_is_left_to_its_next_owner() -> None:
+    pipe, producer = make_pipeline(make_registry("EXP4", ("m1", "m2")))
+    pipe.on_queries([query("waiting", deadline_ms=LONG)], now_us())
+    pipe.tick(now_us())
+    pipe.on_feedback([feedback("waiting")], now_us())
+    pipe.drop({0})
+    pipe.tick(now_us())
+    assert producer.on(topics.DEADLETTER, "DeadLetter") == []
+    assert pipe.feedback.parked == {}
+
+
 def test_feedback_without_its_answers_is_dead_lettered_and_single_model_apps_ignore_it() -> None:
     pipe, producer = make_pipeline(make_registry("EXP4", ("m1", "m2")))
     pipe.on_feedback([feedback("never-seen")], now_us())
