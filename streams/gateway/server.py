@@ -28,15 +28,15 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from clipstream.models.control.registry import Registry
+from clipstream.streams.gateway import spec
 from clipstream.streams.gateway.auth import Denied, TokenAuth
 from clipstream.streams.runtime.metrics import Prometheus
 from clipstream.streams.sdk import Client, PredictionReader
 from clipstream.streams.wire.config import Settings
-from clipstream.streams.wire.limits import deadline_problem
 
 log = logging.getLogger("clipstream.gateway")
 
-#: (method, path) of every route; docs/openapi.yaml must describe exactly these.
+#: (method, path) of every route; openapi.yaml (spec.PATH) must describe exactly these.
 ROUTES = (
     ("post", "/apps/{app}/predict"),
     ("post", "/apps/{app}/feedback"),
@@ -54,74 +54,78 @@ TIMEOUTS = Counter(
 )
 
 
-#: the JSON fields each body may carry (docs/openapi.yaml's request schemas list the same)
-PREDICT_FIELDS = ("features", "user", "deadline_ms", "query_id", "text")
-FEEDBACK_FIELDS = ("query_id", "label", "reward", "user")
+#: the JSON fields each body may carry: those of openapi.yaml's request schemas, which the
+#: bodies are validated against (clipstream.streams.gateway.spec)
+PREDICT_FIELDS = tuple(spec.schema("PredictRequest")["properties"])
+FEEDBACK_FIELDS = tuple(spec.schema("FeedbackRequest")["properties"])
 
 
 class BadRequest(ValueError):
     """The request body cannot become a query or feedback record (HTTP 400)."""
 
 
-def _check_fields(body: Any, allowed: tuple[str, ...]) -> None:
-    """A JSON object naming no field outside ``allowed``."""
-    if not isinstance(body, dict):
-        raise BadRequest("body must be a JSON object")
-    unknown = set(body) - set(allowed)
-    if unknown:
-        raise BadRequest(f"unknown fields: {sorted(unknown)}")
+def _conform(name: str, body: Any) -> None:
+    problem = spec.problem(name, body)
+    if problem is not None:
+        raise BadRequest(problem)
 
 
 def parse_predict(body: Any, app: dict[str, Any]) -> dict[str, Any]:
-    """Validate a predict body; returns keyword arguments for ``Client.send_query``."""
-    _check_fields(body, PREDICT_FIELDS)
-    features = body.get("features")
-    if not isinstance(features, list) or not features:
-        raise BadRequest("'features' must be a non-empty array of numbers")
-    if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in features):
-        raise BadRequest("'features' must contain only numbers")
+    """Validate a predict body (openapi.yaml's PredictRequest, then what the schema cannot
+    say); returns keyword arguments for ``Client.send_query``."""
+    _conform("PredictRequest", body)
+    # What JSON Schema cannot say: not NaN (not JSON, but Python's reader takes it, and it
+    # passes the schema's minimum and maximum, which bound the rest to finite doubles) ...
+    features = [float(x) for x in body["features"]]
     if not all(math.isfinite(x) for x in features):
         raise BadRequest("'features' must be finite numbers (no NaN or infinity)")
+    # ... the app's own input_dim ...
     dim = app.get("input_dim")
     if dim is not None and len(features) != dim:
-        raise BadRequest(f"expected {dim} features, got {len(features)}")
-    out: dict[str, Any] = {"features": [float(x) for x in features]}
-    for name in ("user", "query_id", "text"):
-        value = body.get(name)
-        if value is not None and (not isinstance(value, str) or not value):
-            raise BadRequest(f"'{name}' must be a non-empty string")
-        out[name] = value
-    deadline = body.get("deadline_ms")
-    problem = deadline_problem(deadline)
-    if problem is not None:
-        raise BadRequest(problem)
-    out["deadline_ms"] = deadline
+        raise BadRequest(f"'features': expected {dim} features, got {len(features)}")
+    out: dict[str, Any] = {"features": features}
+    for name in ("user", "query_id", "text", "deadline_ms"):
+        out[name] = body.get(name)
+    _utf8(out)
     return out
 
 
+def _utf8(fields: dict[str, Any]) -> None:
+    """... and strings that UTF-8 can encode (JSON's \\ud800 escape reads as a lone surrogate),
+    as the Avro records and the Kafka keys need."""
+    for name, value in fields.items():
+        if isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise BadRequest(f"{name!r} is not valid Unicode (a lone surrogate)") from None
+
+
 def parse_feedback(body: Any) -> dict[str, Any]:
-    """Validate a feedback body; returns keyword arguments for ``Client.send_feedback``."""
-    _check_fields(body, FEEDBACK_FIELDS)
-    qid = body.get("query_id")
-    if not isinstance(qid, str) or not qid:
-        raise BadRequest("'query_id' must be a non-empty string")
-    label, reward, user = body.get("label"), body.get("reward"), body.get("user")
-    if label is None and reward is None:
-        raise BadRequest("give 'label' or 'reward'")
-    if label is not None and (isinstance(label, bool) or not isinstance(label, str | int)):
-        raise BadRequest("'label' must be a string or an integer")
-    if reward is not None and (
-        isinstance(reward, bool) or not isinstance(reward, int | float) or not 0 <= reward <= 1
-    ):
-        raise BadRequest("'reward' must be a number in [0, 1]")
-    if user is not None and (not isinstance(user, str) or not user):
-        raise BadRequest("'user' must be a non-empty string")
-    return {
-        "query_id": qid,
-        "label": label,
+    """Validate a feedback body (openapi.yaml's FeedbackRequest); returns keyword arguments
+    for ``Client.send_feedback``."""
+    _conform("FeedbackRequest", body)
+    reward = body.get("reward")
+    # NaN passes the schema's minimum and maximum (every comparison with it is false)
+    if reward is not None and not math.isfinite(reward):
+        raise BadRequest(f"'reward' must be a number in [0, 1], got {reward}")
+    out = {
+        "query_id": body["query_id"],
+        "label": body.get("label"),
         "reward": None if reward is None else float(reward),
-        "user": user,
+        "user": body.get("user"),
     }
+    _utf8(out)
+    return out
+
+
+class QueryIdInUse(ValueError):
+    """Another request of this gateway waits for a prediction of this query id (HTTP 409)."""
+
+    def __init__(self, qid: str) -> None:
+        super().__init__(
+            f"'query_id' {qid!r} is already waiting for its prediction: use a fresh id per query"
+        )
 
 
 class PredictionWaiter:
@@ -129,7 +133,12 @@ class PredictionWaiter:
 
     It reads only while REST requests wait: after ``IDLE_S`` with none it pauses (so an
     idle gateway does not read every prediction of the cluster), and the next request first
-    has it go on from the current end of each partition, before its query is sent."""
+    has it go on from the current end of each partition, before its query is sent.
+
+    One request per query id at a time: a second one while the first waits is refused
+    (``QueryIdInUse``, HTTP 409), as the SDK's Predictor refuses it. Sharing the first's
+    prediction would hand it to a caller whose token may be for another app; replacing
+    the first's waiter (as before) left the first without its answer."""
 
     IDLE_S = 5.0
 
@@ -147,23 +156,41 @@ class PredictionWaiter:
         self._thread = threading.Thread(target=self._run, name="gateway-predictions", daemon=True)
         self._thread.start()
 
-    async def expect(self, qid: str) -> asyncio.Future[dict[str, Any]]:
-        """Register interest before the query is sent, so its answer cannot be missed."""
+    async def expect(self, qid: str, timeout_s: float = 30.0) -> asyncio.Future[dict[str, Any]]:
+        """Register interest before the query is sent, so its answer cannot be missed.
+
+        Raises QueryIdInUse while another request waits for ``qid``. Waits at most
+        ``timeout_s`` for an idle reader to resume, else raises TimeoutError (having
+        forgotten the request)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        key = qid.encode()
         with self._lock:
-            self._waiting[qid.encode()] = (loop, future)
+            if key in self._waiting:
+                raise QueryIdInUse(qid)
+            self._waiting[key] = (loop, future)
             self._last_wait = time.monotonic()
             idle = not self._active.is_set()
             if idle:
                 self._wake.set()
-        if idle and not await asyncio.to_thread(self._active.wait, 30):
-            raise TimeoutError("the predictions reader did not resume")
+        if idle:
+            try:
+                resumed = await asyncio.to_thread(self._active.wait, max(timeout_s, 0.0))
+            except BaseException:  # cancelled: the request is gone
+                self.forget(qid, future)
+                raise
+            if not resumed:
+                self.forget(qid, future)
+                raise TimeoutError("the predictions reader did not resume")
         return future
 
-    def forget(self, qid: str) -> None:
+    def forget(self, qid: str, future: asyncio.Future[Any] | None = None) -> None:
+        """Stop waiting for ``qid`` (only if ``future`` is the one waiting, when given)."""
+        key = qid.encode()
         with self._lock:
-            self._waiting.pop(qid.encode(), None)
+            waiting = self._waiting.get(key)
+            if waiting is not None and (future is None or waiting[1] is future):
+                del self._waiting[key]
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -255,17 +282,23 @@ class Gateway:
             return 400, {"error": str(exc)}
         qid = query.pop("query_id") or uuid.uuid4().hex
         deadline_ms = query["deadline_ms"] or app["deadline_ms"]
-        future = await self.waiter.expect(qid)
+        loop = asyncio.get_running_loop()
+        # one budget from here: waiting for an idle reader to resume counts against it
+        give_up_at = loop.time() + (deadline_ms + self.settings.gateway_margin_ms) / 1000
         sent_at_us = time.time_ns() // 1000
+        future: asyncio.Future[dict[str, Any]] | None = None
         try:
+            future = await self.waiter.expect(qid, give_up_at - loop.time())
             self.client.send_query(app_name, query_id=qid, **query)
-            wait_s = (deadline_ms + self.settings.gateway_margin_ms) / 1000
-            return 200, prediction_json(await asyncio.wait_for(future, wait_s))
+            return 200, prediction_json(await asyncio.wait_for(future, give_up_at - loop.time()))
+        except QueryIdInUse as exc:
+            return 409, {"error": str(exc)}
         except TimeoutError:
             TIMEOUTS.labels(app_name).inc()
             return 200, self.default_prediction(app_name, app, qid, query["user"], sent_at_us)
         finally:
-            self.waiter.forget(qid)
+            if future is not None:
+                self.waiter.forget(qid, future)
 
     @staticmethod
     def default_prediction(

@@ -38,6 +38,9 @@ class Settings:
     ssl_keyfile: str | None = None
     metrics_port: int = 0
     web_port: int = 0
+    #: the worker's Clipper-compatible REST frontend (gateway.clipper): Clipper's 1337
+    #: where free (skipped with a warning when taken); 0: a free port; -1: off
+    clipper_port: int = 1337
     gateway_margin_ms: float = 500.0
     #: "tokens" (every REST request needs a bearer token) or "open" (gateway.auth)
     gateway_auth: str = "tokens"

@@ -26,6 +26,7 @@ from confluent_kafka.admin import AdminClient
 
 from clipstream.models.control.registry import ControlFollower
 from clipstream.streams.gateway.auth import server_ssl_context
+from clipstream.streams.gateway.clipper import ClipperServer
 from clipstream.streams.gateway.server import Gateway, WebServer
 from clipstream.streams.runtime import metrics
 from clipstream.streams.wire import topics
@@ -62,6 +63,8 @@ class Worker:
         self._closed = threading.Event()
         self.gateway = Gateway(settings, self.registry)
         self.web = WebServer(self.gateway, settings, ssl_context)
+        replicas = self.serving.pipeline.dispatch.replicas
+        self.clipper = ClipperServer(self.gateway, settings, ssl_context, replicas)
 
     def count_replicas(self) -> None:
         """Live replicas per model, from their consumer groups' members."""
@@ -100,6 +103,9 @@ class Worker:
         port = await self.web.start()
         try:
             log.warning("REST gateway on :%d (%s)", port, self.gateway.describe())
+            clipper_port = await self.clipper.start()
+            if clipper_port is not None:
+                log.warning("Clipper REST frontend on :%d", clipper_port)
             self.start()
             # a thread of its own waits on the serving loop: no timer wakes this loop
             threading.Thread(
@@ -111,8 +117,10 @@ class Worker:
             # so REST calls waiting for them still get their predictions), commits and
             # leaves its group
             await self.web.stop_listening()
+            await self.clipper.stop_listening()
             await asyncio.to_thread(self.serving.stop)
         finally:
+            await self.clipper.close()
             await self.web.close()
         if failed:
             return self.serving.error or RuntimeError("no error given")

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -213,17 +215,20 @@ def test_feedback_over_rest_reaches_the_feedback_topic(deployed: Settings, gatew
         (f"/apps/{APP}/predict", b"[1, 2]", 400, "JSON object"),
         (f"/apps/{APP}/predict", b"{}", 400, "'features'"),
         (f"/apps/{APP}/predict", b'{"features": [1, 2, 3]}', 400, "expected 64 features"),
-        (f"/apps/{APP}/predict", b'{"features": ["a"]}', 400, "only numbers"),
+        (f"/apps/{APP}/predict", b'{"features": ["a"]}', 400, "'features[0]' must be a number"),
         (f"/apps/{APP}/predict", b'{"features": [1], "colour": 1}', 400, "unknown fields"),
+        (f"/apps/{APP}/predict", b'{"features": [1], "user": null}', 400, "'user' must be"),
+        (f"/apps/{APP}/predict", b'{"features": [1], "query_id": ""}', 400, "'query_id'"),
         ("/apps/no-such-app/predict", b'{"features": [1]}', 404, "unknown app"),
         (
             f"/apps/{LONELY}/predict",
             b'{"features": [1], "deadline_ms": %d}' % (MAX_DEADLINE_MS + 1),
             400,
-            "deadline_ms must be in (0, 600000]",
+            "'deadline_ms' must be at most 600000",
         ),
         (f"/apps/{APP}/feedback", b'{"query_id": "x"}', 400, "'label' or 'reward'"),
-        (f"/apps/{APP}/feedback", b'{"query_id": "x", "reward": 3}', 400, "[0, 1]"),
+        (f"/apps/{APP}/feedback", b'{"query_id": "", "label": 1}', 400, "'query_id'"),
+        (f"/apps/{APP}/feedback", b'{"query_id": "x", "reward": 3}', 400, "at most 1"),
         ("/apps/no-such-app/feedback", b'{"query_id": "x", "label": 1}', 404, "unknown app"),
     ],
 )
@@ -252,6 +257,20 @@ def test_a_query_nobody_serves_gets_the_default_over_rest(gateway_url: str) -> N
     status, body = http("POST", f"{gateway_url}/apps/{LONELY}/predict", {"features": [0.0] * 64})
     assert status == 200
     assert body["default"] is True and body["label"] == "7"
+
+
+def test_a_query_id_already_waiting_is_a_409_and_the_first_keeps_its_answer(
+    gateway_url: str,
+) -> None:
+    body = {"features": [0.0] * 64, "query_id": "twice", "deadline_ms": 1500}
+    url = f"{gateway_url}/apps/{LONELY}/predict"
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(http, "POST", url, body)
+        time.sleep(0.5)  # the first waits (nobody answers LONELY before its deadline)
+        second = pool.submit(http, "POST", url, body)
+        (status, answer), (conflict, refused) = first.result(), second.result()
+    assert (status, answer["query_id"], answer["default"]) == (200, "twice", True)
+    assert conflict == 409 and "'query_id' 'twice' is already waiting" in refused["error"]
 
 
 def test_the_open_gateway_is_explicit_and_logged(gateway_urls: list[str], logs: Path) -> None:
