@@ -18,6 +18,8 @@ FOLDERS = {
 THIN = ("clipstream.streams.wire",)
 #: the SDK's modules: the wire core and each other
 SDK = {"sdk.py": "clipstream.streams.sdk", "sdk_async.py": "clipstream.streams.sdk_async"}
+#: the integrations for users' apps (Faust): built on the SDK and the wire core alone
+INTEGRATIONS = ROOT / "streams" / "integrations"
 
 
 def modules() -> list[Path]:
@@ -65,6 +67,16 @@ def test_the_sdk_and_the_wire_core_import_only_the_wire_core() -> None:
         if name.startswith("clipstream")
         and not name.startswith(THIN)
         and not (path.parent.name == "streams" and name in SDK.values())
+    ]
+    assert offenders == []
+
+
+def test_the_integrations_import_only_the_sdk_and_the_wire_core() -> None:
+    offenders = [
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in sorted(INTEGRATIONS.rglob("*.py"))
+        for name in imported(path)
+        if name.startswith("clipstream") and not name.startswith(THIN) and name not in SDK.values()
     ]
     assert offenders == []
 

@@ -1,0 +1,1 @@
+"""Integrations for users' apps built on stream frameworks: Faust (``integrations.faust``)."""
