@@ -149,3 +149,13 @@ def workers_serving(settings: Settings, n: int, timeout: float = 60) -> None:
         return str(group.state).endswith("STABLE") and len(members) == n
 
     wait_for(stable, timeout, f"{n} workers sharing the serving group", interval=0.2)
+
+
+def stop_children(children: list) -> None:
+    """Stop processes a module started; print the logs of all if one ended badly (not by
+    the test's own SIGTERM or SIGKILL), so the failure shows why."""
+    for child in children:
+        child.stop()
+    if any(c.proc.returncode not in (0, -9, -15) for c in children):
+        for c in children:
+            print(f"--- {c.name} (exit {c.proc.returncode}) ---\n{c.log_tail(60)}")

@@ -22,7 +22,7 @@ from clipstream.streams.sdk_async import AsyncClient, AsyncPredictor
 from clipstream.streams.wire.config import Settings
 from clipstream.streams.wire.limits import MAX_DEADLINE_MS
 from tests.conftest import wait_for
-from tests.integration.helpers import collect, stored_states, wait_until_serving
+from tests.integration.helpers import collect, stop_children, stored_states, wait_until_serving
 
 pytestmark = pytest.mark.integration
 
@@ -82,11 +82,7 @@ def serving(deployed: Settings, tmp_path_factory: pytest.TempPathFactory):
             reader.close()
         yield deployed
     finally:
-        for child in children:
-            child.stop()
-        if any(c.proc.returncode not in (0, -9, -15) for c in children):
-            for c in children:
-                print(f"--- {c.name} (exit {c.proc.returncode}) ---\n{c.log_tail(60)}")
+        stop_children(children)
 
 
 def test_hundreds_of_concurrent_awaits_are_each_answered_once_with_their_own_prediction(

@@ -38,7 +38,7 @@ from clipstream.streams.sdk import Client, PredictionReader
 from clipstream.streams.wire import topics
 from clipstream.streams.wire.config import Settings
 from tests.conftest import wait_for
-from tests.integration.helpers import read_all, wait_until_serving
+from tests.integration.helpers import read_all, stop_children, wait_until_serving
 
 pytestmark = pytest.mark.integration
 
@@ -147,11 +147,7 @@ def worker(deployed: Settings, tmp_path_factory: pytest.TempPathFactory):
             reader.close()
         yield child, f"http://127.0.0.1:{port}"
     finally:
-        for c in children:
-            c.stop()
-        if any(c.proc.returncode not in (0, -9, -15) for c in children):
-            for c in children:
-                print(f"--- {c.name} (exit {c.proc.returncode}) ---\n{c.log_tail(60)}")
+        stop_children(children)
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from tests.conftest import wait_for
 from tests.integration.helpers import (
     learnt_everything,
     read_to_end,
+    stop_children,
     stored_states,
     wait_until_serving,
 )
@@ -94,11 +95,7 @@ def serving(kafka_settings: Settings, digits_models, tmp_path_factory: pytest.Te
             reader.close()
         yield settings
     finally:
-        for child in children:
-            child.stop()
-        if any(c.proc.returncode not in (0, -9, -15) for c in children):
-            for c in children:
-                print(f"--- {c.name} (exit {c.proc.returncode}) ---\n{c.log_tail(60)}")
+        stop_children(children)
 
 
 def test_a_faust_agent_enriches_its_events_with_predictions(

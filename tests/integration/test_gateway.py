@@ -34,7 +34,7 @@ from clipstream.streams.wire.clock import now_us
 from clipstream.streams.wire.config import Settings
 from clipstream.streams.wire.limits import MAX_DEADLINE_MS
 from tests.conftest import wait_for
-from tests.integration.helpers import collect, read_all, wait_until_serving
+from tests.integration.helpers import collect, read_all, stop_children, wait_until_serving
 
 pytestmark = pytest.mark.integration
 
@@ -129,11 +129,7 @@ def gateway_urls(deployed: Settings, logs: Path):
             reader.close()
         yield urls
     finally:
-        for child in children:
-            child.stop()
-        if any(c.proc.returncode not in (0, -9, -15) for c in children):
-            for c in children:
-                print(f"--- {c.name} (exit {c.proc.returncode}) ---\n{c.log_tail(60)}")
+        stop_children(children)
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from clipstream.streams.runtime.processes import clipstream_command, spawn
 from clipstream.streams.sdk import Client, PredictionReader
 from clipstream.streams.wire.config import Settings
 from tests.conftest import wait_for
-from tests.integration.helpers import wait_until_serving
+from tests.integration.helpers import stop_children, wait_until_serving
 
 pytestmark = pytest.mark.integration
 
@@ -98,11 +98,7 @@ def gateway_url(kafka_settings: Settings, digits_models, logs: Path):
         wait_for(listening, 120, f"the REST gateway at {url} to answer")
         yield url
     finally:
-        for child in children:
-            child.stop()
-        if any(c.proc.returncode not in (0, -9, -15) for c in children):
-            for c in children:
-                print(f"--- {c.name} (exit {c.proc.returncode}) ---\n{c.log_tail(60)}")
+        stop_children(children)
 
 
 def post(url: str, operation: str, body: Any, timeout: float = 30) -> requests.Response:
