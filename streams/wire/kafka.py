@@ -45,7 +45,9 @@ LEADER_MOVING = {
 }
 
 
-def produce(producer: Any, topic: str, value: bytes | None, key: bytes | None, **kw: Any) -> None:
+def produce(
+    producer: Any, topic: str, value: bytes | None, key: bytes | None = None, **kw: Any
+) -> None:
     """``producer.produce``, waiting for room when librdkafka's local queue is full (a
     broker away for a while): BufferError is back-pressure, not a failure to report."""
     while True:

@@ -95,3 +95,26 @@ def test_one_dead_letter_record_for_every_component() -> None:
         "DeadLetter", encode_dead_letter("t", 0, 0, None, None, "r", "replica")
     )
     assert anonymous["query_id"] is None and anonymous["key"] is None
+
+
+def test_produce_waits_out_a_full_local_queue_and_needs_no_key() -> None:
+    from clipstream.streams.wire.kafka import produce
+
+    class Full:
+        def __init__(self) -> None:
+            self.refusals, self.sent, self.polls = 2, [], 0
+
+        def produce(self, topic, value, key, **kw) -> None:
+            if self.refusals:
+                self.refusals -= 1
+                raise BufferError("Local: Queue full")
+            self.sent.append((topic, value, key, kw))
+
+        def poll(self, timeout: float) -> int:
+            self.polls += 1
+            return 0
+
+    producer = Full()
+    produce(producer, "t", b"v", partition=3)
+    assert producer.sent == [("t", b"v", None, {"partition": 3})]
+    assert producer.polls == 2  # deliveries drained between the refusals
